@@ -1,0 +1,196 @@
+//! The HTTP error type. Every error leaves as OpenAI's shape,
+//! `{"error": {"message", "type", "param", "code"}}`, with OpenAI's status code; internal errors are
+//! logged with their cause and answered without details.
+
+use axum::{
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde_json::json;
+
+use crate::admission::Rejection;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 401: no key, or a key that is unknown, revoked or expired.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 400: a malformed or invalid request.
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    /// 403: the key may not do this.
+    #[error("{message}")]
+    Forbidden { message: String, code: &'static str },
+    /// 404: no such route, job, or model.
+    #[error("{message}")]
+    NotFound {
+        message: String,
+        param: Option<String>,
+        code: Option<&'static str>,
+    },
+    /// 405.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// 413: the body is over the configured limit.
+    #[error("request body too large")]
+    PayloadTooLarge,
+    /// 429: a rate limit; `retry_after` in seconds.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: Option<u64>,
+    },
+    /// 429 `insufficient_quota`: the key's budget cannot cover the request.
+    #[error("{0}")]
+    InsufficientQuota(String),
+    /// 500: logged, answered without details.
+    #[error("internal error: {0}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn job_not_found(id: &str) -> Self {
+        ApiError::NotFound {
+            message: format!("No response found with id '{id}'."),
+            param: None,
+            code: None,
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::Internal(e.into())
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(rejection: Rejection) -> Self {
+        let message = rejection.to_string();
+        match rejection {
+            Rejection::InvalidKey => ApiError::Unauthorized(
+                "Incorrect API key provided. You can find your API key with `tollgate keys`."
+                    .into(),
+            ),
+            Rejection::InvalidRequest(e) => ApiError::InvalidRequest {
+                message: e.message,
+                param: e.param,
+            },
+            Rejection::UnknownModel(_) => ApiError::NotFound {
+                message: format!("The model does not exist: {message}."),
+                param: Some("model".into()),
+                code: Some("model_not_found"),
+            },
+            Rejection::ModelNotAllowed(_) => ApiError::Forbidden {
+                message: format!("Forbidden: {message}."),
+                code: "model_not_allowed",
+            },
+            Rejection::OutputCapExceeded { .. } => ApiError::InvalidRequest {
+                message: format!("Invalid request: {message}."),
+                param: Some("max_output_tokens".into()),
+            },
+            Rejection::RequestsPerMinute {
+                retry_after_secs, ..
+            } => ApiError::RateLimited {
+                message: format!("Rate limit reached: {message}. Please try again later."),
+                retry_after: Some(retry_after_secs),
+            },
+            Rejection::InFlight { .. } => ApiError::RateLimited {
+                message: format!("Rate limit reached: {message}. Retry when a job finishes."),
+                retry_after: Some(1),
+            },
+            Rejection::Budget { .. } => {
+                ApiError::InsufficientQuota(format!("You exceeded your current quota: {message}."))
+            }
+            Rejection::Database(e) => ApiError::Internal(e.into()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let message = self.to_string();
+        let (status, kind, param, code) = match &self {
+            ApiError::Unauthorized(_) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                None,
+                Some("invalid_api_key"),
+            ),
+            ApiError::InvalidRequest { param, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                param.clone(),
+                None,
+            ),
+            ApiError::Forbidden { code, .. } => (
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                None,
+                Some(*code),
+            ),
+            ApiError::NotFound { param, code, .. } => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                param.clone(),
+                *code,
+            ),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                None,
+                None,
+            ),
+            ApiError::PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                None,
+                None,
+            ),
+            ApiError::RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "requests",
+                None,
+                Some("rate_limit_exceeded"),
+            ),
+            ApiError::InsufficientQuota(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                None,
+                Some("insufficient_quota"),
+            ),
+            ApiError::Internal(e) => {
+                tracing::error!(error = ?e, "internal error");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    None,
+                    None,
+                )
+            }
+        };
+        let message = match &self {
+            ApiError::Internal(_) => {
+                "The server had an error while processing your request.".into()
+            }
+            _ => message,
+        };
+        let body =
+            json!({"error": {"message": message, "type": kind, "param": param, "code": code}});
+        let mut response = (status, Json(body)).into_response();
+        if let ApiError::RateLimited {
+            retry_after: Some(secs),
+            ..
+        } = &self
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+        }
+        response
+    }
+}

@@ -1,0 +1,27 @@
+//! Liveness (`/healthz`: the process answers) and readiness (`/readyz`: PostgreSQL answers and a
+//! RabbitMQ connection is open).
+
+use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
+use serde_json::{json, Value};
+
+use super::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+}
+
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let postgres = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
+    let rabbitmq = state.publisher.channel().await.is_ok();
+    let status = if postgres && rabbitmq {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"postgres": postgres, "rabbitmq": rabbitmq})),
+    )
+}

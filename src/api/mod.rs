@@ -1,0 +1,72 @@
+//! The HTTP front: the OpenAI Responses API (background mode) plus health endpoints.
+//! `app(state)` builds the router; serving it is the caller's business, so tests run the real
+//! router on port 0.
+
+mod error;
+mod health;
+mod object;
+mod responses;
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{rejection::BytesRejection, DefaultBodyLimit},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    Router,
+};
+use sqlx::PgPool;
+
+pub use error::ApiError;
+pub use object::response_object;
+
+use crate::{config::Config, queue::Publisher};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub config: Arc<Config>,
+    pub publisher: Arc<Publisher>,
+}
+
+pub fn app(state: AppState) -> Router {
+    let body_limit = state.config.server.max_body_bytes;
+    Router::new()
+        .merge(responses::router())
+        .merge(health::router())
+        .fallback(|| async {
+            ApiError::NotFound {
+                message: "Unknown request URL. Please check the URL and method.".into(),
+                param: None,
+                code: Some("unknown_url"),
+            }
+        })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// The bearer token of a request, if it has one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// A body that could not be read: over the size limit (413) or broken.
+fn body_error(rejection: BytesRejection) -> Response {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge.into_response()
+    } else {
+        ApiError::InvalidRequest {
+            message: format!("Could not read the request body: {rejection}"),
+            param: None,
+        }
+        .into_response()
+    }
+}

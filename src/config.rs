@@ -1,0 +1,345 @@
+//! Configuration: a TOML file (`tollgate.toml` by default, or `TOLLGATE_CONFIG`) with environment
+//! overrides for the connection strings (`DATABASE_URL`, `AMQP_URL`) and the listen address
+//! (`TOLLGATE_LISTEN`). Models are declared LiteLLM-style: a public name mapped to a provider, the
+//! upstream model, its base URL, the env var holding its API key and its prices.
+
+use std::{collections::HashMap, path::Path, time::Duration};
+
+use serde::Deserialize;
+
+use crate::money::MicroUsd;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub amqp: AmqpConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub worker: WorkerConfig,
+    #[serde(default = "default_models")]
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/tollgate".into(),
+            max_connections: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    pub url: String,
+    /// Durable direct exchange jobs are published to.
+    pub exchange: String,
+    /// Quorum queue the workers consume (bound to `exchange` with routing key `jobs`).
+    pub queue: String,
+    /// Exchange and queue that receive messages no worker can process.
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    /// Quorum queue `x-delivery-limit`: a backstop against a message redelivered forever.
+    pub delivery_limit: u32,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            exchange: "tollgate".into(),
+            queue: "tollgate.jobs".into(),
+            dead_letter_exchange: "tollgate.dlx".into(),
+            dead_letter_queue: "tollgate.jobs.dead".into(),
+            delivery_limit: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// How often the outbox relay looks for messages that were not confirmed, in milliseconds.
+    pub relay_interval_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 1024 * 1024,
+            relay_interval_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Jobs one worker runs at once (also the RabbitMQ prefetch).
+    pub concurrency: u16,
+    /// A batch of streamed deltas is written when it holds this many deltas...
+    pub flush_max_deltas: usize,
+    /// ...or when its oldest delta is this old, whichever comes first.
+    pub flush_interval_ms: u64,
+    /// How long a claimed job stays owned by its worker without a write (renewed on every flush).
+    pub lease_seconds: u32,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            flush_max_deltas: 64,
+            flush_interval_ms: 50,
+            lease_seconds: 30,
+        }
+    }
+}
+
+impl WorkerConfig {
+    pub fn flush_interval(&self) -> Duration {
+        Duration::from_millis(self.flush_interval_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// Deterministic streamed text; needs no network and no key.
+    Mock,
+    /// Any OpenAI-compatible `POST {base_url}/chat/completions` with `stream: true`.
+    Openai,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients send in `model`.
+    pub name: String,
+    pub provider: ProviderKind,
+    /// The model name sent upstream (defaults to `name`).
+    pub upstream_model: Option<String>,
+    /// Base URL of an OpenAI-compatible API, e.g. `https://api.openai.com/v1`.
+    pub base_url: Option<String>,
+    /// Environment variable that holds the upstream API key.
+    pub api_key_env: Option<String>,
+    /// Price in USD per one million input tokens.
+    #[serde(default)]
+    pub input_price_per_1m: f64,
+    /// Price in USD per one million output tokens.
+    #[serde(default)]
+    pub output_price_per_1m: f64,
+    /// Output cap used for the worst-case budget reservation when a request sets no
+    /// `max_output_tokens` (and the most a request may ask for).
+    #[serde(default = "default_max_output_tokens")]
+    pub max_output_tokens: u32,
+    /// Mock provider: number of deltas streamed.
+    #[serde(default = "default_mock_deltas")]
+    pub mock_deltas: u32,
+    /// Mock provider: pause before each delta, in milliseconds.
+    #[serde(default)]
+    pub mock_delay_ms: u64,
+    /// Upstream timeout for the whole call, in seconds.
+    #[serde(default = "default_timeout_seconds")]
+    pub timeout_seconds: u64,
+}
+
+fn default_max_output_tokens() -> u32 {
+    4096
+}
+fn default_mock_deltas() -> u32 {
+    20
+}
+fn default_timeout_seconds() -> u64 {
+    600
+}
+
+fn default_models() -> Vec<ModelConfig> {
+    vec![ModelConfig::mock("mock-1")]
+}
+
+impl ModelConfig {
+    /// A mock model with the defaults of `tollgate.toml`.
+    pub fn mock(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            provider: ProviderKind::Mock,
+            upstream_model: None,
+            base_url: None,
+            api_key_env: None,
+            input_price_per_1m: 1.0,
+            output_price_per_1m: 2.0,
+            max_output_tokens: default_max_output_tokens(),
+            mock_deltas: default_mock_deltas(),
+            mock_delay_ms: 0,
+            timeout_seconds: default_timeout_seconds(),
+        }
+    }
+
+    pub fn upstream_model(&self) -> &str {
+        self.upstream_model.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Cost of a number of input and output tokens at this model's prices.
+    pub fn cost(&self, input_tokens: u64, output_tokens: u64) -> MicroUsd {
+        MicroUsd::for_tokens(input_tokens, self.input_price_per_1m)
+            + MicroUsd::for_tokens(output_tokens, self.output_price_per_1m)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database: DatabaseConfig::default(),
+            amqp: AmqpConfig::default(),
+            server: ServerConfig::default(),
+            worker: WorkerConfig::default(),
+            models: default_models(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the configuration: the file named by `path`, else `TOLLGATE_CONFIG`, else
+    /// `tollgate.toml` when present, else the built-in defaults; then the environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let env_path = std::env::var("TOLLGATE_CONFIG").ok();
+        let chosen = path
+            .map(|p| p.to_string_lossy().into_owned())
+            .or(env_path)
+            .or_else(|| {
+                Path::new("tollgate.toml")
+                    .exists()
+                    .then(|| "tollgate.toml".into())
+            });
+        let mut config = match chosen {
+            Some(path) => Self::from_file(&path)?,
+            None => Self::default(),
+        };
+        config.apply_env(|name| std::env::var(name).ok());
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &str) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
+    }
+
+    fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        if let Some(url) = var("DATABASE_URL") {
+            self.database.url = url;
+        }
+        if let Some(url) = var("AMQP_URL") {
+            self.amqp.url = url;
+        }
+        if let Some(listen) = var("TOLLGATE_LISTEN") {
+            self.server.listen = listen;
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = HashMap::new();
+        for model in &self.models {
+            if seen.insert(model.name.as_str(), ()).is_some() {
+                return Err(ConfigError::Invalid(format!(
+                    "model {:?} is declared twice",
+                    model.name
+                )));
+            }
+            if model.input_price_per_1m < 0.0 || model.output_price_per_1m < 0.0 {
+                return Err(ConfigError::Invalid(format!(
+                    "model {:?} has a negative price",
+                    model.name
+                )));
+            }
+            if model.provider == ProviderKind::Openai && model.base_url.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "model {:?} uses provider \"openai\" and needs base_url",
+                    model.name
+                )));
+            }
+        }
+        if self.worker.concurrency == 0 {
+            return Err(ConfigError::Invalid(
+                "worker.concurrency must be > 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_file_parses_and_validates() {
+        let config = Config::from_file(concat!(env!("CARGO_MANIFEST_DIR"), "/tollgate.toml"))
+            .expect("tollgate.toml parses");
+        config.validate().expect("tollgate.toml is valid");
+        assert!(config.model("mock-1").is_some());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let mut config = Config::default();
+        config.apply_env(|name| match name {
+            "DATABASE_URL" => Some("postgres://x/y".into()),
+            "AMQP_URL" => Some("amqp://z".into()),
+            _ => None,
+        });
+        assert_eq!(config.database.url, "postgres://x/y");
+        assert_eq!(config.amqp.url, "amqp://z");
+        assert_eq!(config.server.listen, "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn duplicate_models_are_refused() {
+        let mut config = Config::default();
+        config.models.push(ModelConfig::mock("mock-1"));
+        assert!(config.validate().is_err());
+    }
+}

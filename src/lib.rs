@@ -1,0 +1,21 @@
+//! tollgate: admission-controlled, queue-backed background jobs for LLM requests — the background
+//! mode of the OpenAI Responses API.
+//!
+//! A request flows through the modules in this order:
+//! [`api`] (HTTP front) → [`admission`] (one PostgreSQL transaction decides and writes the job and
+//! its outbox row) → [`queue`] (publish to RabbitMQ, outbox relay) → [`worker`] (consume, run) →
+//! [`provider`] (the upstream LLM) → [`store`] (job rows and their streamed output).
+
+pub mod admission;
+pub mod api;
+pub mod config;
+pub mod ids;
+pub mod money;
+pub mod provider;
+pub mod queue;
+pub mod request;
+pub mod run;
+pub mod store;
+pub mod telemetry;
+pub mod tokens;
+pub mod worker;

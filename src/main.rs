@@ -1,0 +1,140 @@
+use std::{path::PathBuf, sync::Arc};
+
+use clap::{Args, Parser, Subcommand};
+use tollgate::{config::Config, money::MicroUsd, run, store, telemetry};
+
+/// Admission-controlled, queue-backed background jobs for LLM requests.
+#[derive(Parser)]
+#[command(name = "tollgate", version)]
+struct Cli {
+    /// Configuration file (default: $TOLLGATE_CONFIG, else ./tollgate.toml if present).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Run the HTTP front and the outbox relay.
+    Serve(Listen),
+    /// Run the RabbitMQ worker.
+    Worker,
+    /// Run the front and the worker in one process.
+    All(Listen),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Args)]
+struct Listen {
+    /// Address to listen on.
+    #[arg(long, env = "TOLLGATE_LISTEN")]
+    listen: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key; prints the secret alone on the last line (or a JSON object with --json).
+    Create(CreateKey),
+}
+
+#[derive(Args)]
+struct CreateKey {
+    #[arg(long)]
+    name: String,
+    /// Requests per minute.
+    #[arg(long)]
+    rpm: Option<u32>,
+    /// Jobs queued or running at once.
+    #[arg(long)]
+    max_in_flight: Option<u32>,
+    /// Budget in USD.
+    #[arg(long)]
+    budget_usd: Option<f64>,
+    /// Models this key may use, comma separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    models: Option<Vec<String>>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    telemetry::init();
+    let cli = Cli::parse();
+    let mut config = Config::load(cli.config.as_deref())?;
+    if let Command::Serve(Listen { listen: Some(l) }) | Command::All(Listen { listen: Some(l) }) =
+        &cli.command
+    {
+        config.server.listen = l.clone();
+    }
+    let config = Arc::new(config);
+    let pool = run::prepare_database(&config).await?;
+
+    match cli.command {
+        Command::Migrate => {
+            tracing::info!("database schema is up to date");
+        }
+        Command::Serve(_) => {
+            let listener = run::bind(&config).await?;
+            run::serve(config, pool, listener, run::shutdown_on_signal()).await?;
+        }
+        Command::Worker => run::work(config, pool, run::shutdown_on_signal()).await,
+        Command::All(_) => {
+            let listener = run::bind(&config).await?;
+            let shutdown = run::shutdown_on_signal();
+            let worker = tokio::spawn(run::work(config.clone(), pool.clone(), shutdown.clone()));
+            let served = run::serve(config, pool, listener, shutdown.clone()).await;
+            shutdown.cancel();
+            worker.await?;
+            served?;
+        }
+        Command::Keys(KeysCommand::Create(args)) => create_key(&pool, args).await?,
+    }
+    Ok(())
+}
+
+async fn create_key(pool: &sqlx::PgPool, args: CreateKey) -> anyhow::Result<()> {
+    let to_i32 = |v: Option<u32>, what: &str| -> anyhow::Result<Option<i32>> {
+        v.map(|n| {
+            i32::try_from(n)
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| anyhow::anyhow!("--{what} must be between 1 and {}", i32::MAX))
+        })
+        .transpose()
+    };
+    let budget = args
+        .budget_usd
+        .map(|usd| {
+            MicroUsd::from_usd(usd)
+                .ok_or_else(|| anyhow::anyhow!("--budget-usd must be a non-negative amount"))
+        })
+        .transpose()?;
+    let new = store::keys::NewKey {
+        name: args.name.clone(),
+        rpm_limit: to_i32(args.rpm, "rpm")?,
+        max_in_flight: to_i32(args.max_in_flight, "max-in-flight")?,
+        budget,
+        allowed_models: args.models.clone(),
+    };
+    let (id, secret) = store::keys::create(pool, &new).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "id": id, "name": args.name, "key": secret, "rpm": new.rpm_limit,
+                "max_in_flight": new.max_in_flight,
+                "budget_usd": budget.map(|b| b.as_usd_string()), "models": args.models,
+            })
+        );
+    } else {
+        println!("created key {:?} (id {id})", args.name);
+        println!("{secret}");
+    }
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! The mock provider: deterministic text, a configured number of deltas with a configured pause
+//! before each, and usage computed from the request. For demos and tests; needs no key.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::{CallRequest, Chunk, ChunkStream};
+use crate::{config::ModelConfig, tokens};
+
+const WORDS: &[&str] = &[
+    "This",
+    "is",
+    "a",
+    "mock",
+    "response",
+    "from",
+    "tollgate,",
+    "streamed",
+    "one",
+    "word",
+    "at",
+    "a",
+    "time.",
+];
+
+/// The i-th delta of every mock answer.
+pub fn delta(i: usize) -> String {
+    format!("{} ", WORDS[i % WORDS.len()])
+}
+
+pub fn stream(model: &ModelConfig, request: &CallRequest) -> ChunkStream {
+    let cap = request
+        .max_output_tokens
+        .unwrap_or(model.max_output_tokens)
+        .min(model.mock_deltas);
+    let delay = Duration::from_millis(model.mock_delay_ms);
+    let input_tokens = tokens::estimate_messages(&request.messages);
+    let deltas = futures::stream::iter(0..cap as usize).then(move |i| async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(Chunk::Delta(delta(i)))
+    });
+    let usage = futures::stream::once(async move {
+        Ok(Chunk::Usage {
+            input_tokens,
+            output_tokens: cap,
+        })
+    });
+    Box::pin(deltas.chain(usage))
+}

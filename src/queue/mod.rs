@@ -1,0 +1,131 @@
+//! RabbitMQ: the topology tollgate declares, the job message (a documented contract other consumers
+//! may rely on), the publisher the front uses after its commit, and the outbox relay.
+//!
+//! Topology (all durable, declared at start by every process, idempotently):
+//! - direct exchange `amqp.exchange` → quorum queue `amqp.queue`, routing key [`ROUTING_KEY`];
+//! - the queue dead-letters to fanout exchange `amqp.dead_letter_exchange` → quorum queue
+//!   `amqp.dead_letter_queue`, with `x-delivery-limit` as a backstop against endless redelivery.
+
+pub mod outbox;
+mod publisher;
+
+pub use publisher::{PublishError, Publisher};
+
+use lapin::{
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+    Channel, ExchangeKind,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{config::AmqpConfig, ids::JobId};
+
+/// Routing key of job messages on the jobs exchange.
+pub const ROUTING_KEY: &str = "jobs";
+
+/// Version of [`JobMessage`]'s body; a consumer dead-letters versions it does not know.
+pub const MESSAGE_VERSION: u32 = 1;
+
+/// The body of a job message. The job itself is read from Postgres; the message only says which job
+/// to run. The AMQP `message_id` property is the job id too.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobMessage {
+    /// Schema version of this body ([`MESSAGE_VERSION`]).
+    pub v: u32,
+    /// The job's public id (`resp_…`).
+    pub job_id: String,
+    pub model: String,
+}
+
+impl JobMessage {
+    pub fn new(job_id: JobId, model: &str) -> Self {
+        Self {
+            v: MESSAGE_VERSION,
+            job_id: job_id.to_string(),
+            model: model.into(),
+        }
+    }
+}
+
+/// Declares tollgate's exchanges and queues (idempotent: same names, same arguments).
+pub async fn declare_topology(channel: &Channel, config: &AmqpConfig) -> Result<(), lapin::Error> {
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let quorum = |extra: &[(&str, AMQPValue)]| {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        for (k, v) in extra {
+            args.insert((*k).into(), v.clone());
+        }
+        args
+    };
+
+    channel
+        .exchange_declare(
+            config.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            config.dead_letter_queue.as_str().into(),
+            durable_queue,
+            quorum(&[]),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            config.dead_letter_queue.as_str().into(),
+            config.dead_letter_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    channel
+        .exchange_declare(
+            config.exchange.as_str().into(),
+            ExchangeKind::Direct,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            config.queue.as_str().into(),
+            durable_queue,
+            quorum(&[
+                (
+                    "x-dead-letter-exchange",
+                    AMQPValue::LongString(config.dead_letter_exchange.as_str().into()),
+                ),
+                (
+                    "x-delivery-limit",
+                    AMQPValue::LongInt(config.delivery_limit as i32),
+                ),
+            ]),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            config.queue.as_str().into(),
+            config.exchange.as_str().into(),
+            ROUTING_KEY.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! The Responses API request (`POST /v1/responses` body), as the front validates it and the worker
+//! reads it back from the job row. Unknown fields are accepted and ignored, as OpenAI's SDKs send
+//! fields this server may not know; a known field of the wrong type is refused, naming the field.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::provider::{CallRequest, ChatMessage};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CreateResponse {
+    pub model: String,
+    pub input: Input,
+    pub instructions: Option<String>,
+    pub max_output_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub metadata: Option<HashMap<String, String>>,
+    pub store: Option<bool>,
+    pub background: Option<bool>,
+    pub stream: Option<bool>,
+    pub user: Option<String>,
+}
+
+/// `input`: a string, or a list of message items.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Input {
+    Text(String),
+    Items(Vec<InputItem>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InputItem {
+    #[serde(rename = "type", default = "message_type")]
+    pub kind: String,
+    pub role: String,
+    pub content: Content,
+}
+
+fn message_type() -> String {
+    "message".into()
+}
+
+/// A message's content: a string, or a list of text parts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: String,
+}
+
+/// Why a body was refused: the message and the offending parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidRequest {
+    pub message: String,
+    pub param: Option<String>,
+}
+
+impl InvalidRequest {
+    fn new(message: impl Into<String>, param: Option<&str>) -> Self {
+        Self {
+            message: message.into(),
+            param: param.map(str::to_string),
+        }
+    }
+}
+
+impl CreateResponse {
+    /// Parses and validates a request body. Returns the typed request and the body as JSON (stored
+    /// as given on the job row).
+    pub fn parse(body: &[u8]) -> Result<(Self, Value), InvalidRequest> {
+        let value: Value = serde_json::from_slice(body).map_err(|e| {
+            InvalidRequest::new(
+                format!("We could not parse the JSON body of your request: {e}"),
+                None,
+            )
+        })?;
+        if !value.is_object() {
+            return Err(InvalidRequest::new(
+                "The request body must be a JSON object.",
+                None,
+            ));
+        }
+        let request: Self = serde_path_to_error::deserialize(&value).map_err(|e| {
+            let path = e.path().to_string();
+            let param = (path != ".").then_some(path);
+            InvalidRequest {
+                message: format!("Invalid request body: {}", e.inner()),
+                param,
+            }
+        })?;
+        request.validate()?;
+        Ok((request, value))
+    }
+
+    fn validate(&self) -> Result<(), InvalidRequest> {
+        if self.model.trim().is_empty() {
+            return Err(InvalidRequest::new(
+                "`model` must not be empty.",
+                Some("model"),
+            ));
+        }
+        if let Input::Items(items) = &self.input {
+            if items.is_empty() {
+                return Err(InvalidRequest::new(
+                    "`input` must not be empty.",
+                    Some("input"),
+                ));
+            }
+            for (i, item) in items.iter().enumerate() {
+                if item.kind != "message" {
+                    return Err(InvalidRequest::new(
+                        format!("Input items of type {:?} are not supported.", item.kind),
+                        Some(&format!("input[{i}].type")),
+                    ));
+                }
+                if !matches!(
+                    item.role.as_str(),
+                    "user" | "assistant" | "system" | "developer"
+                ) {
+                    return Err(InvalidRequest::new(
+                        format!("Invalid role {:?}.", item.role),
+                        Some(&format!("input[{i}].role")),
+                    ));
+                }
+            }
+        }
+        if self.max_output_tokens == Some(0) {
+            return Err(InvalidRequest::new(
+                "`max_output_tokens` must be at least 1.",
+                Some("max_output_tokens"),
+            ));
+        }
+        if let Some(t) = self.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
+            return Err(InvalidRequest::new(
+                format!("`temperature` must be between 0 and 2, got {t}."),
+                Some("temperature"),
+            ));
+        }
+        if let Some(p) = self.top_p.filter(|p| !(0.0..=1.0).contains(p)) {
+            return Err(InvalidRequest::new(
+                format!("`top_p` must be between 0 and 1, got {p}."),
+                Some("top_p"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The chat messages sent upstream: `instructions` as a system message, then the input.
+    pub fn messages(&self) -> Vec<ChatMessage> {
+        let mut messages = Vec::new();
+        if let Some(instructions) = &self.instructions {
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: instructions.clone(),
+            });
+        }
+        match &self.input {
+            Input::Text(text) => messages.push(ChatMessage {
+                role: "user".into(),
+                content: text.clone(),
+            }),
+            Input::Items(items) => messages.extend(items.iter().map(|item| {
+                ChatMessage {
+                    role: if item.role == "developer" {
+                        "system".into()
+                    } else {
+                        item.role.clone()
+                    },
+                    content: match &item.content {
+                        Content::Text(text) => text.clone(),
+                        Content::Parts(parts) => parts
+                            .iter()
+                            .map(|p| p.text.as_str())
+                            .collect::<Vec<_>>()
+                            .join(""),
+                    },
+                }
+            })),
+        }
+        messages
+    }
+
+    pub fn call_request(&self) -> CallRequest {
+        CallRequest {
+            messages: self.messages(),
+            max_output_tokens: self.max_output_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_string_and_item_inputs_and_ignores_unknown_fields() {
+        let (r, _) = CreateResponse::parse(
+            br#"{"model":"m","input":"hi","background":true,"reasoning":{"effort":"low"}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.messages().len(), 1);
+        let (r, _) = CreateResponse::parse(
+            br#"{"model":"m","instructions":"be brief","input":[{"role":"user","content":[{"type":"input_text","text":"a"},{"type":"input_text","text":"b"}]}]}"#,
+        )
+        .unwrap();
+        let messages = r.messages();
+        assert_eq!(messages[0].role, "system");
+        assert_eq!(messages[1].content, "ab");
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let e = CreateResponse::parse(br#"{"model":"m","input":"x","max_output_tokens":"ten"}"#)
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_output_tokens"));
+        let e = CreateResponse::parse(br#"{"input":"x"}"#).unwrap_err();
+        assert!(e.message.contains("model"), "{}", e.message);
+        let e = CreateResponse::parse(b"{not json").unwrap_err();
+        assert_eq!(e.param, None);
+        let e = CreateResponse::parse(br#"{"model":"m","input":"x","temperature":5}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("temperature"));
+    }
+}

@@ -1,0 +1,94 @@
+//! Starting and stopping tollgate's parts: the front (HTTP + outbox relay), the worker, or both in
+//! one process. Each runs until its shutdown token is cancelled, then drains.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api::{self, AppState},
+    config::Config,
+    queue::{outbox, Publisher},
+    store,
+    worker::Worker,
+};
+
+/// Connects to PostgreSQL (creating the database if needed) and brings the schema up to date.
+pub async fn prepare_database(config: &Config) -> anyhow::Result<PgPool> {
+    let pool = store::connect(&config.database).await?;
+    store::migrate(&pool).await?;
+    Ok(pool)
+}
+
+/// Serves the HTTP front on `listener` and runs the outbox relay, until `shutdown`.
+pub async fn serve(
+    config: Arc<Config>,
+    pool: PgPool,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let publisher = Arc::new(Publisher::new(config.amqp.clone()));
+    if let Err(e) = publisher.channel().await {
+        tracing::warn!(error = %e, "RabbitMQ is not reachable yet; jobs are admitted and published when it is");
+    }
+    let relay = tokio::spawn(outbox::run_relay(
+        pool.clone(),
+        publisher.clone(),
+        Duration::from_millis(config.server.relay_interval_ms),
+        shutdown.clone(),
+    ));
+    let state = AppState {
+        pool,
+        config,
+        publisher: publisher.clone(),
+    };
+    tracing::info!(listen = %listener.local_addr()?, "front listening");
+    let stop = shutdown.clone();
+    axum::serve(listener, api::app(state))
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+        .context("HTTP server failed")?;
+    shutdown.cancel();
+    let _ = relay.await;
+    publisher.close().await;
+    Ok(())
+}
+
+/// Runs the worker until `shutdown`.
+pub async fn work(config: Arc<Config>, pool: PgPool, shutdown: CancellationToken) {
+    Worker::new(pool, config).run(shutdown).await
+}
+
+/// Binds the configured listen address.
+pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(&config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler installs");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        cancel.cancel();
+    });
+    token
+}

@@ -1,0 +1,251 @@
+//! Jobs, their streamed output and their terminal transitions.
+//!
+//! Every change of state is a guarded transition (`… WHERE id = $1 AND status = … AND attempt = …`),
+//! so a redelivered message or a stale worker cannot write twice. Reaching a terminal state
+//! releases what admission took (the in-flight slot and the budget reservation) in the same
+//! statement, so it happens exactly once, whichever path gets there.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{types::Json, PgConnection, PgPool};
+
+use crate::{
+    ids::{JobId, JobStatus, KeyId},
+    money::MicroUsd,
+};
+
+/// What admission decided to write for an accepted request.
+#[derive(Debug)]
+pub struct NewJob<'a> {
+    pub id: JobId,
+    pub key_id: KeyId,
+    pub model: &'a str,
+    pub request: &'a Value,
+    pub estimated_input_tokens: i32,
+    pub reserved: MicroUsd,
+    pub counter_slot: i16,
+    pub outbox_payload: &'a Value,
+}
+
+/// A job as clients and operators see it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobRow {
+    pub id: JobId,
+    pub key_id: KeyId,
+    pub model: String,
+    pub status: JobStatus,
+    pub request: Json<Value>,
+    pub output_text: String,
+    pub input_tokens: Option<i32>,
+    pub output_tokens: Option<i32>,
+    pub cost_micro_usd: Option<i64>,
+    pub error: Option<Json<Value>>,
+    pub attempt: i32,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Inserts an admitted job (status `queued`) and its outbox message, inside the admission
+/// transaction. Returns the outbox row's id and the job's creation time.
+pub async fn insert_admitted(
+    conn: &mut PgConnection,
+    job: &NewJob<'_>,
+) -> Result<(i64, DateTime<Utc>), sqlx::Error> {
+    sqlx::query_as(
+        "WITH job AS (
+             INSERT INTO tollgate.jobs
+                 (id, key_id, model, request, estimated_input_tokens, reserved_micro_usd, counter_slot)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             RETURNING id, created_at
+         )
+         INSERT INTO tollgate.outbox (job_id, payload)
+         SELECT id, $8 FROM job
+         RETURNING id, (SELECT created_at FROM job)",
+    )
+    .bind(job.id)
+    .bind(job.key_id)
+    .bind(job.model)
+    .bind(Json(job.request))
+    .bind(job.estimated_input_tokens)
+    .bind(job.reserved.0)
+    .bind(job.counter_slot)
+    .bind(Json(job.outbox_payload))
+    .fetch_one(conn)
+    .await
+}
+
+const JOB_COLUMNS: &str = "id, key_id, model, status, request, output_text, input_tokens, \
+    output_tokens, cost_micro_usd, error, attempt, created_at, started_at, finished_at";
+
+/// The job `id` if it belongs to `key_id` (another key's job does not exist for it).
+#[tracing::instrument(skip(pool), fields(job_id = %id, key_id = %key_id))]
+pub async fn get_for_key(
+    pool: &PgPool,
+    id: JobId,
+    key_id: KeyId,
+) -> Result<Option<JobRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {JOB_COLUMNS} FROM tollgate.jobs WHERE id = $1 AND key_id = $2"
+    ))
+    .bind(id)
+    .bind(key_id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// What the worker may do with a delivered job.
+#[derive(Debug)]
+pub enum Claim {
+    /// The worker now owns this attempt of the job.
+    Claimed {
+        attempt: i32,
+        model: String,
+        request: Value,
+    },
+    /// Another worker holds a live lease on it.
+    Running,
+    /// It already reached a terminal state: nothing to do.
+    Finished(JobStatus),
+    /// No such job.
+    Missing,
+}
+
+/// Claims a job for a new attempt: `queued → in_progress`, or takes over an `in_progress` job
+/// whose lease expired (its worker is gone). The output of an earlier attempt is cleared.
+#[tracing::instrument(skip(pool), fields(job_id = %id))]
+pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim, sqlx::Error> {
+    let claimed: Option<(i32, String, Json<Value>)> = sqlx::query_as(
+        "UPDATE tollgate.jobs
+            SET status = 'in_progress', attempt = attempt + 1, output_text = '',
+                started_at = coalesce(started_at, now()), updated_at = now(),
+                lease_until = now() + make_interval(secs => $2)
+          WHERE id = $1
+            AND (status = 'queued' OR (status = 'in_progress' AND lease_until < now()))
+          RETURNING attempt, model, request",
+    )
+    .bind(id)
+    .bind(lease_seconds as f64)
+    .fetch_optional(pool)
+    .await?;
+    if let Some((attempt, model, Json(request))) = claimed {
+        return Ok(Claim::Claimed {
+            attempt,
+            model,
+            request,
+        });
+    }
+    let status: Option<JobStatus> =
+        sqlx::query_scalar("SELECT status FROM tollgate.jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(match status {
+        None => Claim::Missing,
+        Some(JobStatus::Queued | JobStatus::InProgress) => Claim::Running,
+        Some(terminal) => Claim::Finished(terminal),
+    })
+}
+
+/// Appends a batch of streamed deltas to the job (one event row, and the accumulated text on the
+/// job row) and renews the lease, in one statement. Returns false when this attempt no longer
+/// owns the job (cancelled, or taken over): the worker must stop.
+#[tracing::instrument(skip(pool, deltas), fields(job_id = %id, n = deltas.len()))]
+pub async fn append_deltas(
+    pool: &PgPool,
+    id: JobId,
+    attempt: i32,
+    seq_first: i32,
+    deltas: &[String],
+    lease_seconds: u32,
+) -> Result<bool, sqlx::Error> {
+    let text: String = deltas.concat();
+    let written = sqlx::query(
+        "WITH job AS (
+             UPDATE tollgate.jobs
+                SET output_text = output_text || $4, updated_at = now(),
+                    lease_until = now() + make_interval(secs => $6)
+              WHERE id = $1 AND attempt = $2 AND status = 'in_progress'
+              RETURNING id
+         )
+         INSERT INTO tollgate.job_events (job_id, attempt, seq_first, seq_last, deltas)
+         SELECT id, $2, $3, $3 + cardinality($5::text[]) - 1, $5 FROM job",
+    )
+    .bind(id)
+    .bind(attempt)
+    .bind(seq_first)
+    .bind(text)
+    .bind(deltas)
+    .bind(lease_seconds as f64)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(written == 1)
+}
+
+/// How an attempt ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: JobStatus,
+    pub input_tokens: Option<i32>,
+    pub output_tokens: Option<i32>,
+    pub cost: MicroUsd,
+    pub error: Option<Value>,
+}
+
+/// Moves this attempt of the job to its terminal state and, in the same statement, gives back what
+/// admission took: the in-flight slot and the budget reservation, replaced by the real cost.
+/// Returns false (and changes nothing) when this attempt no longer owns the job.
+#[tracing::instrument(skip(pool, outcome), fields(job_id = %id, status = ?outcome.status))]
+pub async fn finish(
+    pool: &PgPool,
+    id: JobId,
+    attempt: i32,
+    outcome: &Outcome,
+) -> Result<bool, sqlx::Error> {
+    debug_assert!(outcome.status.is_terminal());
+    let finished: i64 = sqlx::query_scalar(
+        "WITH done AS (
+             UPDATE tollgate.jobs
+                SET status = $3, input_tokens = $4, output_tokens = $5, cost_micro_usd = $6,
+                    error = $7, finished_at = now(), updated_at = now(), lease_until = NULL
+              WHERE id = $1 AND attempt = $2 AND status = 'in_progress'
+              RETURNING key_id, counter_slot, reserved_micro_usd, cost_micro_usd
+         ), released AS (
+             UPDATE tollgate.key_counters c
+                SET in_flight = c.in_flight - 1,
+                    reserved_micro_usd = c.reserved_micro_usd - done.reserved_micro_usd,
+                    spent_micro_usd = c.spent_micro_usd + done.cost_micro_usd
+               FROM done
+              WHERE c.key_id = done.key_id AND c.slot = done.counter_slot
+              RETURNING 1
+         )
+         SELECT count(*) FROM done",
+    )
+    .bind(id)
+    .bind(attempt)
+    .bind(outcome.status)
+    .bind(outcome.input_tokens)
+    .bind(outcome.output_tokens)
+    .bind(outcome.cost.0)
+    .bind(outcome.error.as_ref().map(Json))
+    .fetch_one(pool)
+    .await?;
+    Ok(finished == 1)
+}
+
+/// Gives a claimed job back (`in_progress → queued`) when its worker stops before finishing it,
+/// so the next delivery claims it at once instead of waiting for the lease to lapse.
+#[tracing::instrument(skip(pool), fields(job_id = %id))]
+pub async fn release_claim(pool: &PgPool, id: JobId, attempt: i32) -> Result<bool, sqlx::Error> {
+    let released = sqlx::query(
+        "UPDATE tollgate.jobs SET status = 'queued', lease_until = NULL, updated_at = now()
+          WHERE id = $1 AND attempt = $2 AND status = 'in_progress'",
+    )
+    .bind(id)
+    .bind(attempt)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(released == 1)
+}

@@ -1,0 +1,74 @@
+//! The PostgreSQL side: connecting (and creating the database on first run), the schema
+//! migrations, and the queries on keys and jobs. Everything lives in the `tollgate` schema.
+
+pub mod jobs;
+pub mod keys;
+
+use sqlx::{
+    migrate::{MigrateDatabase, MigrateError, Migrator},
+    postgres::PgPoolOptions,
+    PgPool, Postgres,
+};
+
+use crate::config::DatabaseConfig;
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!();
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot reach PostgreSQL at {url}: {source}")]
+    Connect { url: String, source: sqlx::Error },
+    #[error(
+        "the database schema is newer than this tollgate binary (it has migration {0} which this \
+         binary does not know); run a tollgate at least as new as the one that migrated it"
+    )]
+    SchemaTooNew(i64),
+    #[error("cannot migrate the database schema: {0}")]
+    Migrate(#[source] MigrateError),
+}
+
+/// Connects to the configured database, creating it first when it does not exist.
+pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
+    let connect_err = |source| StoreError::Connect {
+        url: redact(&config.url),
+        source,
+    };
+    if !Postgres::database_exists(&config.url)
+        .await
+        .map_err(connect_err)?
+    {
+        match Postgres::create_database(&config.url).await {
+            Ok(()) => tracing::info!(url = %redact(&config.url), "created database"),
+            // Another process created it between our check and our create: that is fine.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(connect_err(e)),
+        }
+    }
+    PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(&config.url)
+        .await
+        .map_err(connect_err)
+}
+
+/// Applies pending migrations (under sqlx's advisory lock, so concurrent starts are safe), and
+/// refuses a database migrated by a newer tollgate.
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    MIGRATOR.run(pool).await.map_err(|e| match e {
+        MigrateError::VersionMissing(v) => StoreError::SchemaTooNew(v),
+        other => StoreError::Migrate(other),
+    })
+}
+
+/// The URL with any password replaced, fit for logs and error messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
