@@ -14,7 +14,9 @@ impl MicroUsd {
 
     /// Parses a USD amount such as `12.5` into micro-dollars (rounded to the nearest micro-dollar).
     pub fn from_usd(usd: f64) -> Option<Self> {
-        (0.0..9.0e12).contains(&usd).then(|| Self((usd * 1e6).round() as i64))
+        (0.0..9.0e12)
+            .contains(&usd)
+            .then(|| Self((usd * 1e6).round() as i64))
     }
 
     /// Cost of `tokens` tokens priced at `usd_per_million` USD per one million tokens, rounded up

@@ -75,7 +75,7 @@ async fn create(
     Ok(Json(response_object(&admitted.job)).into_response())
 }
 
-#[tracing::instrument(skip(state, headers), fields(job_id = %id))]
+#[tracing::instrument(skip_all, fields(job_id = %id))]
 async fn retrieve(
     State(state): State<AppState>,
     headers: HeaderMap,

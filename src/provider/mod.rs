@@ -3,6 +3,7 @@
 //! API with `stream: true`.
 
 mod mock;
+pub use mock::delta as mock_delta;
 mod openai;
 pub mod sse;
 

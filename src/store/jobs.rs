@@ -79,7 +79,7 @@ const JOB_COLUMNS: &str = "id, key_id, model, status, request, output_text, inpu
     output_tokens, cost_micro_usd, error, attempt, created_at, started_at, finished_at";
 
 /// The job `id` if it belongs to `key_id` (another key's job does not exist for it).
-#[tracing::instrument(skip(pool), fields(job_id = %id, key_id = %key_id))]
+#[tracing::instrument(skip_all, fields(job_id = %id, key_id = %key_id))]
 pub async fn get_for_key(
     pool: &PgPool,
     id: JobId,
@@ -113,7 +113,7 @@ pub enum Claim {
 
 /// Claims a job for a new attempt: `queued → in_progress`, or takes over an `in_progress` job
 /// whose lease expired (its worker is gone). The output of an earlier attempt is cleared.
-#[tracing::instrument(skip(pool), fields(job_id = %id))]
+#[tracing::instrument(skip_all, fields(job_id = %id))]
 pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim, sqlx::Error> {
     let claimed: Option<(i32, String, Json<Value>)> = sqlx::query_as(
         "UPDATE tollgate.jobs
@@ -150,7 +150,7 @@ pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim
 /// Appends a batch of streamed deltas to the job (one event row, and the accumulated text on the
 /// job row) and renews the lease, in one statement. Returns false when this attempt no longer
 /// owns the job (cancelled, or taken over): the worker must stop.
-#[tracing::instrument(skip(pool, deltas), fields(job_id = %id, n = deltas.len()))]
+#[tracing::instrument(skip_all, fields(job_id = %id, n = deltas.len()))]
 pub async fn append_deltas(
     pool: &PgPool,
     id: JobId,
@@ -196,7 +196,7 @@ pub struct Outcome {
 /// Moves this attempt of the job to its terminal state and, in the same statement, gives back what
 /// admission took: the in-flight slot and the budget reservation, replaced by the real cost.
 /// Returns false (and changes nothing) when this attempt no longer owns the job.
-#[tracing::instrument(skip(pool, outcome), fields(job_id = %id, status = ?outcome.status))]
+#[tracing::instrument(skip_all, fields(job_id = %id, status = ?outcome.status))]
 pub async fn finish(
     pool: &PgPool,
     id: JobId,
@@ -236,7 +236,7 @@ pub async fn finish(
 
 /// Gives a claimed job back (`in_progress → queued`) when its worker stops before finishing it,
 /// so the next delivery claims it at once instead of waiting for the lease to lapse.
-#[tracing::instrument(skip(pool), fields(job_id = %id))]
+#[tracing::instrument(skip_all, fields(job_id = %id))]
 pub async fn release_claim(pool: &PgPool, id: JobId, attempt: i32) -> Result<bool, sqlx::Error> {
     let released = sqlx::query(
         "UPDATE tollgate.jobs SET status = 'queued', lease_until = NULL, updated_at = now()

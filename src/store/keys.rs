@@ -49,7 +49,7 @@ fn new_secret() -> String {
 
 /// Creates a key with its counter row and returns its id and secret (the only time the secret
 /// exists outside the client).
-#[tracing::instrument(skip(pool, new), fields(name = %new.name))]
+#[tracing::instrument(skip_all, fields(name = %new.name))]
 pub async fn create(pool: &PgPool, new: &NewKey) -> Result<(KeyId, String), sqlx::Error> {
     let id = KeyId(Uuid::now_v7());
     let secret = new_secret();

@@ -49,7 +49,7 @@ enum StreamEnd {
     Shutdown,
 }
 
-#[tracing::instrument(skip(worker, shutdown), fields(job_id = %id))]
+#[tracing::instrument(skip(worker, id, shutdown), fields(job_id = %id))]
 async fn run_inner(
     worker: &Worker,
     id: JobId,

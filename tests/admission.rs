@@ -1,0 +1,281 @@
+//! Admission through HTTP: a rejected request gets the right OpenAI-shaped error and leaves
+//! everything — job rows, outbox rows, queue depth, counters — exactly as it was. These run the
+//! front without a worker, so every published message stays visible in the queue.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Snapshot, TestEnv};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tollgate::{config::ModelConfig, money::MicroUsd, store::keys::NewKey};
+
+async fn env() -> TestEnv {
+    TestEnv::front_only(vec![
+        ModelConfig::mock("mock-1"),
+        ModelConfig::mock("mock-2"),
+    ])
+    .await
+}
+
+fn job(model: &str) -> String {
+    json!({"model": model, "input": "hello", "background": true}).to_string()
+}
+
+/// Sends `body`, asserts the status, the error shape and that nothing changed.
+async fn assert_rejected(
+    env: &TestEnv,
+    secret: Option<&str>,
+    body: &str,
+    status: StatusCode,
+    code: Option<&str>,
+) -> (Value, reqwest::header::HeaderMap) {
+    let before: Snapshot = env.snapshot().await;
+    let (got, error, headers) = env.submit_raw(secret, body).await;
+    assert_eq!(got, status, "{error}");
+    let e = &error["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{error}"
+    );
+    assert!(e["type"].is_string(), "{error}");
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "{error}"
+    );
+    if let Some(code) = code {
+        assert_eq!(e["code"], code, "{error}");
+    }
+    assert_eq!(
+        env.snapshot().await,
+        before,
+        "a rejected request changed state"
+    );
+    (error, headers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_keys_are_401_and_leave_nothing() {
+    let env = env().await;
+    env.key().await;
+    assert_rejected(
+        &env,
+        None,
+        &job("mock-1"),
+        StatusCode::UNAUTHORIZED,
+        Some("invalid_api_key"),
+    )
+    .await;
+    assert_rejected(
+        &env,
+        Some("sk-tg-nope"),
+        &job("mock-1"),
+        StatusCode::UNAUTHORIZED,
+        Some("invalid_api_key"),
+    )
+    .await;
+
+    // A revoked key and an expired key are refused the same way.
+    let revoked = env.key().await;
+    let expired = env.key().await;
+    for (secret, column) in [(&revoked, "revoked_at"), (&expired, "expires_at")] {
+        sqlx::query(&format!(
+            "UPDATE tollgate.api_keys SET {column} = now() - interval '1 second' WHERE key_hash = $1"
+        ))
+        .bind(tollgate::store::keys::hash_secret(secret))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+        assert_rejected(
+            &env,
+            Some(secret),
+            &job("mock-1"),
+            StatusCode::UNAUTHORIZED,
+            Some("invalid_api_key"),
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bodies_are_400_naming_the_field_and_leave_nothing() {
+    let env = env().await;
+    let key = env.key().await;
+    let cases = [
+        ("{not json", None),
+        ("[1, 2]", None),
+        (r#"{"model": "mock-1", "background": true}"#, None),
+        (
+            r#"{"model": 7, "input": "x", "background": true}"#,
+            Some("model"),
+        ),
+        (
+            r#"{"model": "mock-1", "input": "x", "background": true, "max_output_tokens": "many"}"#,
+            Some("max_output_tokens"),
+        ),
+        (
+            r#"{"model": "mock-1", "input": "x", "background": true, "temperature": 3}"#,
+            Some("temperature"),
+        ),
+        (
+            r#"{"model": "mock-1", "input": "x", "background": true, "max_output_tokens": 999999}"#,
+            Some("max_output_tokens"),
+        ),
+        (r#"{"model": "mock-1", "input": "x"}"#, Some("background")),
+    ];
+    for (body, param) in cases {
+        let (error, _) =
+            assert_rejected(&env, Some(&key), body, StatusCode::BAD_REQUEST, None).await;
+        assert_eq!(
+            error["error"]["type"], "invalid_request_error",
+            "{body}: {error}"
+        );
+        if let Some(param) = param {
+            assert_eq!(error["error"]["param"], param, "{body}: {error}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_forbidden_models_leave_nothing() {
+    let env = env().await;
+    let key = env
+        .create_key(NewKey {
+            name: "only-mock-1".into(),
+            allowed_models: Some(vec!["mock-1".into()]),
+            ..Default::default()
+        })
+        .await;
+    assert_rejected(
+        &env,
+        Some(&key),
+        &job("gpt-nope"),
+        StatusCode::NOT_FOUND,
+        Some("model_not_found"),
+    )
+    .await;
+    assert_rejected(
+        &env,
+        Some(&key),
+        &job("mock-2"),
+        StatusCode::FORBIDDEN,
+        Some("model_not_allowed"),
+    )
+    .await;
+    let (status, _, _) = env.submit_raw(Some(&key), &job("mock-1")).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_rpm_is_429_with_retry_after_and_leaves_nothing() {
+    let env = env().await;
+    let key = env
+        .create_key(NewKey {
+            name: "rpm2".into(),
+            rpm_limit: Some(2),
+            ..Default::default()
+        })
+        .await;
+    // Stay inside one minute window: if it is about to roll over, wait for the next one.
+    let into_minute = chrono::Utc::now().timestamp() % 60;
+    if into_minute > 55 {
+        tokio::time::sleep(std::time::Duration::from_secs((61 - into_minute) as u64)).await;
+    }
+    for _ in 0..2 {
+        env.submit_ok(&key, "mock-1", "x").await;
+    }
+    let after_two = env.snapshot().await;
+    assert_eq!(after_two.jobs, 2);
+    assert_eq!(after_two.queue_depth, Some(2));
+    let (_, headers) = assert_rejected(
+        &env,
+        Some(&key),
+        &job("mock-1"),
+        StatusCode::TOO_MANY_REQUESTS,
+        Some("rate_limit_exceeded"),
+    )
+    .await;
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "retry-after {retry}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_budget_and_over_in_flight_are_429_and_leave_nothing() {
+    let env = env().await;
+    // mock-1 reserves (estimated input + 4096 output tokens) at 1 and 2 USD/1M: about 8,200
+    // micro-USD. A budget of 0.01 USD fits one such reservation, not two.
+    let budget_key = env
+        .create_key(NewKey {
+            name: "budget".into(),
+            budget: MicroUsd::from_usd(0.01),
+            ..Default::default()
+        })
+        .await;
+    env.submit_ok(&budget_key, "mock-1", "x").await;
+    assert_rejected(
+        &env,
+        Some(&budget_key),
+        &job("mock-1"),
+        StatusCode::TOO_MANY_REQUESTS,
+        Some("insufficient_quota"),
+    )
+    .await;
+
+    let slot_key = env
+        .create_key(NewKey {
+            name: "one-in-flight".into(),
+            max_in_flight: Some(1),
+            ..Default::default()
+        })
+        .await;
+    env.submit_ok(&slot_key, "mock-1", "x").await;
+    assert_rejected(
+        &env,
+        Some(&slot_key),
+        &job("mock-1"),
+        StatusCode::TOO_MANY_REQUESTS,
+        Some("rate_limit_exceeded"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submissions_admit_exactly_the_rpm_limit() {
+    let env = Arc::new(env().await);
+    let key = env
+        .create_key(NewKey {
+            name: "rpm10".into(),
+            rpm_limit: Some(10),
+            ..Default::default()
+        })
+        .await;
+    let into_minute = chrono::Utc::now().timestamp() % 60;
+    if into_minute > 50 {
+        tokio::time::sleep(std::time::Duration::from_secs((61 - into_minute) as u64)).await;
+    }
+    let mut tasks = Vec::new();
+    for _ in 0..60 {
+        let (env, key) = (env.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            env.submit_raw(Some(&key), &job("mock-1")).await.0
+        }));
+    }
+    let mut ok = 0;
+    let mut limited = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => limited += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((ok, limited), (10, 50));
+    let snap = env.snapshot().await;
+    assert_eq!(
+        (snap.jobs, snap.outbox, snap.queue_depth),
+        (10, 10, Some(10))
+    );
+    assert_eq!(snap.rate_windows.iter().map(|w| w.2).sum::<i32>(), 10);
+    assert_eq!(snap.counters[0].2, 10, "in-flight slots taken");
+}

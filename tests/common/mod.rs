@@ -1,0 +1,359 @@
+//! Test harness: each `TestEnv` runs the real front (and, when asked, the real worker) against
+//! its own PostgreSQL database and its own RabbitMQ exchanges and queues, all named after a fresh
+//! UUID, and removes them when dropped. Set `TEST_LOG=1` to see tollgate's logs.
+//!
+//! Services: `TOLLGATE_TEST_PG` (default `postgres://postgres@127.0.0.1:5432`) and
+//! `TOLLGATE_TEST_AMQP` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
+
+#![allow(dead_code)]
+
+pub mod upstream;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use lapin::{options::QueueDeclareOptions, types::FieldTable, Connection, ConnectionProperties};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::{Connection as _, PgConnection, PgPool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tollgate::{
+    config::{AmqpConfig, Config, DatabaseConfig, ModelConfig},
+    run,
+    store::keys::{self, NewKey},
+};
+use uuid::Uuid;
+
+fn pg_base() -> String {
+    std::env::var("TOLLGATE_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+fn amqp_url() -> String {
+    std::env::var("TOLLGATE_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        tollgate::telemetry::init();
+    }
+}
+
+/// A configuration of isolated names, with the given models.
+pub fn isolated_config(models: Vec<ModelConfig>) -> Config {
+    let tag = Uuid::new_v4().simple().to_string();
+    let mut config = Config {
+        database: DatabaseConfig {
+            url: format!("{}/tollgate_test_{tag}", pg_base()),
+            max_connections: 10,
+        },
+        amqp: AmqpConfig {
+            url: amqp_url(),
+            exchange: format!("tg-test-{tag}"),
+            queue: format!("tg-test-{tag}.jobs"),
+            dead_letter_exchange: format!("tg-test-{tag}.dlx"),
+            dead_letter_queue: format!("tg-test-{tag}.dead"),
+            delivery_limit: 20,
+        },
+        models,
+        ..Config::default()
+    };
+    config.server.listen = "127.0.0.1:0".into();
+    config.worker.flush_interval_ms = 10;
+    config.worker.flush_max_deltas = 8;
+    config
+}
+
+pub struct TestEnv {
+    pub config: Arc<Config>,
+    pub pool: PgPool,
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    front: Option<JoinHandle<()>>,
+    worker: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+impl TestEnv {
+    /// Starts the front only (no worker): published messages stay in the queue.
+    pub async fn front_only(models: Vec<ModelConfig>) -> Self {
+        init_logs();
+        let config = Arc::new(isolated_config(models));
+        let pool = run::prepare_database(&config).await.expect("test database");
+        let listener = run::bind(&config).await.expect("bind port 0");
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let front = tokio::spawn({
+            let (config, pool, shutdown) = (config.clone(), pool.clone(), shutdown.clone());
+            async move {
+                run::serve(config, pool, listener, shutdown)
+                    .await
+                    .expect("front runs")
+            }
+        });
+        let env = Self {
+            config,
+            pool,
+            addr,
+            http: reqwest::Client::new(),
+            shutdown,
+            front: Some(front),
+            worker: None,
+        };
+        // The front declares the topology on its first connection; wait for it so queue depths
+        // can be read from the start.
+        env.wait_for(Duration::from_secs(10), || async {
+            env.queue_depth().await.is_some()
+        })
+        .await;
+        env
+    }
+
+    /// Starts the front and a worker.
+    pub async fn start(models: Vec<ModelConfig>) -> Self {
+        let mut env = Self::front_only(models).await;
+        env.start_worker();
+        env
+    }
+
+    pub fn start_worker(&mut self) {
+        assert!(self.worker.is_none(), "worker already running");
+        let stop = self.shutdown.child_token();
+        let handle = tokio::spawn(run::work(
+            self.config.clone(),
+            self.pool.clone(),
+            stop.clone(),
+        ));
+        self.worker = Some((stop, handle));
+    }
+
+    /// Stops the worker and waits until it has handed back or finished what it held.
+    pub async fn stop_worker(&mut self) {
+        if let Some((stop, handle)) = self.worker.take() {
+            stop.cancel();
+            handle.await.unwrap();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn create_key(&self, new: NewKey) -> String {
+        keys::create(&self.pool, &new).await.expect("create key").1
+    }
+
+    pub async fn key(&self) -> String {
+        self.create_key(NewKey {
+            name: "test".into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// POST /v1/responses with a raw body.
+    pub async fn submit_raw(
+        &self,
+        secret: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+        let mut req = self
+            .http
+            .post(self.url("/v1/responses"))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(secret) = secret {
+            req = req.bearer_auth(secret);
+        }
+        let resp = req.send().await.expect("front answers");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.json().await.expect("JSON body");
+        (status, body, headers)
+    }
+
+    pub async fn submit(&self, secret: &str, body: Value) -> (StatusCode, Value) {
+        let (status, body, _) = self.submit_raw(Some(secret), &body.to_string()).await;
+        (status, body)
+    }
+
+    /// Submits a background job for `model` and returns its id (asserting 200).
+    pub async fn submit_ok(&self, secret: &str, model: &str, input: &str) -> String {
+        let (status, body) = self
+            .submit(
+                secret,
+                json!({"model": model, "input": input, "background": true}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn get(&self, secret: &str, id: &str) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .get(self.url(&format!("/v1/responses/{id}")))
+            .bearer_auth(secret)
+            .send()
+            .await
+            .expect("front answers");
+        (resp.status(), resp.json().await.expect("JSON body"))
+    }
+
+    /// Polls a job until it reaches a terminal status.
+    pub async fn poll_until_done(&self, secret: &str, id: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = self.get(secret, id).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let state = body["status"].as_str().unwrap();
+            if !matches!(state, "queued" | "in_progress") {
+                return body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} still {state}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Messages ready in the jobs queue, or None if the queue does not exist yet.
+    pub async fn queue_depth(&self) -> Option<u32> {
+        self.depth_of(&self.config.amqp.queue).await
+    }
+
+    pub async fn dead_letter_depth(&self) -> Option<u32> {
+        self.depth_of(&self.config.amqp.dead_letter_queue).await
+    }
+
+    async fn depth_of(&self, queue: &str) -> Option<u32> {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .ok()?;
+        let channel = conn.create_channel().await.ok()?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok();
+        let _ = conn.close(200, "done".into()).await;
+        declared.map(|q| q.message_count())
+    }
+
+    /// Everything admission and the worker can write: row counts and every counter.
+    pub async fn snapshot(&self) -> Snapshot {
+        let count = |table: &'static str| {
+            let pool = self.pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM tollgate.{table}"))
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        let counters: Vec<(Uuid, i16, i32, i64, i64)> = sqlx::query_as(
+            "SELECT key_id, slot, in_flight, reserved_micro_usd, spent_micro_usd
+               FROM tollgate.key_counters ORDER BY key_id, slot",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        let rate_windows: Vec<(Uuid, i16, i32)> = sqlx::query_as(
+            "SELECT key_id, slot, requests FROM tollgate.rate_windows ORDER BY key_id, slot, window_start",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        Snapshot {
+            jobs: count("jobs").await,
+            outbox: count("outbox").await,
+            events: count("job_events").await,
+            queue_depth: self.queue_depth().await,
+            counters,
+            rate_windows,
+        }
+    }
+
+    pub async fn wait_for<F, Fut>(&self, timeout: Duration, mut condition: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !condition().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "condition not met in {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub jobs: i64,
+    pub outbox: i64,
+    pub events: i64,
+    pub queue_depth: Option<u32>,
+    /// (key, slot, in_flight, reserved, spent)
+    pub counters: Vec<(Uuid, i16, i32, i64, i64)>,
+    /// (key, slot, requests)
+    pub rate_windows: Vec<(Uuid, i16, i32)>,
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(front) = self.front.take() {
+            front.abort();
+        }
+        if let Some((_, worker)) = self.worker.take() {
+            worker.abort();
+        }
+        let db_url = self.config.database.url.clone();
+        let amqp = self.config.amqp.clone();
+        // Clean up on a thread of its own: Drop cannot await, and the test's runtime may be
+        // shutting down.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let (base, name) = db_url.rsplit_once('/').unwrap();
+                if let Ok(mut conn) = PgConnection::connect(&format!("{base}/postgres")).await {
+                    let _ =
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                            .execute(&mut conn)
+                            .await;
+                }
+                if let Ok(conn) =
+                    Connection::connect(&amqp.url, ConnectionProperties::default()).await
+                {
+                    if let Ok(ch) = conn.create_channel().await {
+                        for q in [&amqp.queue, &amqp.dead_letter_queue] {
+                            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+                        }
+                        for x in [&amqp.exchange, &amqp.dead_letter_exchange] {
+                            let _ = ch
+                                .exchange_delete(x.as_str().into(), Default::default())
+                                .await;
+                        }
+                    }
+                    let _ = conn.close(200, "cleanup".into()).await;
+                }
+            });
+        })
+        .join()
+        .unwrap();
+    }
+}

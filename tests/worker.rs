@@ -1,0 +1,164 @@
+//! The worker: it never runs admission, a message for a finished job changes nothing, a message
+//! it cannot understand is dead-lettered, and a job it gives back on shutdown runs once.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestEnv;
+use lapin::{options::BasicPublishOptions, BasicProperties, Connection, ConnectionProperties};
+use tollgate::{
+    config::ModelConfig,
+    ids::JobId,
+    queue::{JobMessage, ROUTING_KEY},
+};
+
+async fn publish_raw(env: &TestEnv, body: &[u8]) {
+    let conn = Connection::connect(&env.config.amqp.url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let confirm = channel
+        .basic_publish(
+            env.config.amqp.exchange.as_str().into(),
+            ROUTING_KEY.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    assert!(confirm.take_message().is_none(), "message was unroutable");
+    conn.close(200, "done".into()).await.unwrap();
+}
+
+/// (status, attempt, cost, number of event rows) of a job.
+async fn job_state(env: &TestEnv, id: &str) -> (String, i32, Option<i64>, i64) {
+    let uuid = JobId::parse_public(id).unwrap().0;
+    sqlx::query_as(
+        "SELECT status::text, attempt, cost_micro_usd,
+                (SELECT count(*) FROM tollgate.job_events e WHERE e.job_id = j.id)
+           FROM tollgate.jobs j WHERE id = $1",
+    )
+    .bind(uuid)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_moves_no_admission_counter() {
+    let mut env = TestEnv::front_only(vec![ModelConfig::mock("mock-1")]).await;
+    let key = env
+        .create_key(tollgate::store::keys::NewKey {
+            name: "counted".into(),
+            rpm_limit: Some(1000),
+            max_in_flight: Some(100),
+            budget: tollgate::money::MicroUsd::from_usd(10.0),
+            ..Default::default()
+        })
+        .await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(env.submit_ok(&key, "mock-1", &format!("job {i}")).await);
+    }
+    let admitted = env.snapshot().await;
+    assert_eq!(admitted.queue_depth, Some(5));
+    assert_eq!(admitted.counters[0].2, 5, "five in-flight slots taken");
+    assert!(admitted.counters[0].3 > 0, "budget reserved");
+
+    env.start_worker();
+    let mut total_cost = 0;
+    for id in &ids {
+        let done = env.poll_until_done(&key, id).await;
+        assert_eq!(done["status"], "completed");
+        total_cost += job_state(&env, id).await.2.unwrap();
+    }
+    let finished = env.snapshot().await;
+    // The requests-per-minute window is admission's alone: the worker left it as it was.
+    assert_eq!(finished.rate_windows, admitted.rate_windows);
+    assert_eq!(finished.jobs, admitted.jobs);
+    assert_eq!(finished.outbox, admitted.outbox);
+    // Finishing gave back the slots and the reservations and charged the real cost, once.
+    let (_, _, in_flight, reserved, spent) = finished.counters[0];
+    assert_eq!((in_flight, reserved, spent), (0, 0, total_cost));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_for_a_finished_job_is_acked_and_changes_nothing() {
+    let mut env = TestEnv::start(vec![ModelConfig::mock("mock-1")]).await;
+    let key = env.key().await;
+    let id = env.submit_ok(&key, "mock-1", "once").await;
+    env.poll_until_done(&key, &id).await;
+    let before_state = job_state(&env, &id).await;
+    let before = env.snapshot().await;
+
+    // The same message again, as a redelivery or a second publish by the relay would bring it.
+    let message = JobMessage::new(JobId::parse_public(&id).unwrap(), "mock-1");
+    publish_raw(&env, &serde_json::to_vec(&message).unwrap()).await;
+    env.wait_for(Duration::from_secs(10), || async {
+        env.queue_depth().await == Some(0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Stopping the worker hands back anything it had not settled; nothing must come back.
+    env.stop_worker().await;
+    assert_eq!(env.queue_depth().await, Some(0), "duplicate was not acked");
+    assert_eq!(env.dead_letter_depth().await, Some(0));
+    assert_eq!(job_state(&env, &id).await, before_state);
+    assert_eq!(env.snapshot().await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_the_worker_cannot_understand_are_dead_lettered() {
+    let env = TestEnv::start(vec![ModelConfig::mock("mock-1")]).await;
+    publish_raw(&env, b"this is not json").await;
+    publish_raw(&env, br#"{"v": 99, "job_id": "resp_x", "model": "m"}"#).await;
+    let unknown = JobMessage::new(JobId::new(), "mock-1");
+    publish_raw(&env, &serde_json::to_vec(&unknown).unwrap()).await;
+    env.wait_for(Duration::from_secs(10), || async {
+        env.dead_letter_depth().await == Some(3)
+    })
+    .await;
+    assert_eq!(env.queue_depth().await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_handed_back_at_shutdown_runs_once_on_the_next_worker() {
+    let mut slow = ModelConfig::mock("slow");
+    slow.mock_deltas = 40;
+    slow.mock_delay_ms = 50;
+    let mut env = TestEnv::start(vec![slow]).await;
+    let key = env.key().await;
+    let id = env.submit_ok(&key, "slow", "take your time").await;
+    // Wait until it is streaming, then stop the worker mid-job.
+    env.wait_for(Duration::from_secs(10), || async {
+        let (status, _, _, events) = job_state(&env, &id).await;
+        status == "in_progress" && events > 0
+    })
+    .await;
+    env.stop_worker().await;
+    let (status, attempt, _, _) = job_state(&env, &id).await;
+    assert_eq!((status.as_str(), attempt), ("queued", 1), "job handed back");
+    assert_eq!(env.queue_depth().await, Some(1), "message handed back");
+
+    env.start_worker();
+    let done = env.poll_until_done(&key, &id).await;
+    assert_eq!(done["status"], "completed");
+    let expected: String = (0..40).map(tollgate::provider::mock_delta).collect();
+    assert_eq!(
+        done["output"][0]["content"][0]["text"], expected,
+        "no output of attempt 1 mixed in"
+    );
+    let (_, attempt, cost, _) = job_state(&env, &id).await;
+    assert_eq!(attempt, 2);
+    let (_, _, in_flight, reserved, spent) = env.snapshot().await.counters[0];
+    assert_eq!((in_flight, reserved, spent), (0, 0, cost.unwrap()));
+}
