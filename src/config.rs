@@ -20,8 +20,47 @@ pub struct Config {
     pub server: ServerConfig,
     #[serde(default)]
     pub worker: WorkerConfig,
+    #[serde(default)]
+    pub guardrails: GuardrailsConfig,
     #[serde(default = "default_models")]
     pub models: Vec<ModelConfig>,
+}
+
+/// Checks run on a request's input before admission takes anything. A request a guardrail refuses
+/// gets a 400 naming the guardrail.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardrailsConfig {
+    /// Largest input accepted (instructions + input text), in bytes.
+    pub max_input_bytes: Option<usize>,
+    /// Inputs matching any of these regular expressions are refused.
+    pub deny: Vec<DenyPattern>,
+    /// External checks: the input is POSTed to each; its answer allows or denies.
+    pub webhooks: Vec<WebhookGuardrail>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyPattern {
+    pub name: String,
+    /// A regular expression (Rust `regex` syntax), matched against each message's text.
+    pub pattern: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookGuardrail {
+    pub name: String,
+    pub url: String,
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub timeout_ms: u64,
+    /// On timeout or error: allow the request (true) or refuse it (false, the default).
+    #[serde(default)]
+    pub fail_open: bool,
+}
+
+fn default_webhook_timeout_ms() -> u64 {
+    2000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -76,6 +115,11 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How often the outbox relay looks for messages that were not confirmed, in milliseconds.
     pub relay_interval_ms: u64,
+    /// A job still `queued` this long after admission expires (`failed`, code `expired`) and gives
+    /// back its slot and reservation.
+    pub queued_job_ttl_seconds: u64,
+    /// How often the front looks for expired jobs, in milliseconds.
+    pub sweep_interval_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +128,8 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 1024 * 1024,
             relay_interval_ms: 1000,
+            queued_job_ttl_seconds: 86_400,
+            sweep_interval_ms: 5000,
         }
     }
 }
@@ -158,6 +204,22 @@ pub struct ModelConfig {
     /// Upstream timeout for the whole call, in seconds.
     #[serde(default = "default_timeout_seconds")]
     pub timeout_seconds: u64,
+    /// Requests per minute across all keys (protects the upstream's own limit).
+    pub rpm_limit: Option<u32>,
+    /// Tokens per minute across all keys.
+    pub tpm_limit: Option<u64>,
+    /// How input tokens are counted at admission: `o200k_base`, `cl100k_base` or `bytes`.
+    /// Default: the upstream model's OpenAI encoding when it has one, else `bytes`.
+    pub tokenizer: Option<TokenizerKind>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenizerKind {
+    O200kBase,
+    Cl100kBase,
+    /// The documented fallback: about 4 bytes a token.
+    Bytes,
 }
 
 fn default_max_output_tokens() -> u32 {
@@ -189,6 +251,9 @@ impl ModelConfig {
             mock_deltas: default_mock_deltas(),
             mock_delay_ms: 0,
             timeout_seconds: default_timeout_seconds(),
+            rpm_limit: None,
+            tpm_limit: None,
+            tokenizer: None,
         }
     }
 
@@ -226,6 +291,7 @@ impl Default for Config {
             amqp: AmqpConfig::default(),
             server: ServerConfig::default(),
             worker: WorkerConfig::default(),
+            guardrails: GuardrailsConfig::default(),
             models: default_models(),
         }
     }
@@ -297,6 +363,11 @@ impl Config {
                     model.name
                 )));
             }
+        }
+        for deny in &self.guardrails.deny {
+            regex::Regex::new(&deny.pattern).map_err(|e| {
+                ConfigError::Invalid(format!("guardrail {:?}: bad pattern: {e}", deny.name))
+            })?;
         }
         if self.worker.concurrency == 0 {
             return Err(ConfigError::Invalid(

@@ -10,6 +10,7 @@ pub mod admission;
 pub mod api;
 pub mod config;
 pub mod ids;
+pub mod metrics;
 pub mod money;
 pub mod provider;
 pub mod queue;

@@ -1,7 +1,7 @@
 use std::{path::PathBuf, sync::Arc};
 
 use clap::{Args, Parser, Subcommand};
-use tollgate::{config::Config, money::MicroUsd, run, store, telemetry};
+use tollgate::{config::Config, money::MicroUsd, run, store, store::keys::BudgetPeriod, telemetry};
 
 /// Admission-controlled, queue-backed background jobs for LLM requests.
 #[derive(Parser)]
@@ -40,6 +40,10 @@ struct Listen {
 enum KeysCommand {
     /// Create a key; prints the secret alone on the last line (or a JSON object with --json).
     Create(CreateKey),
+    /// List keys with their limits and live counters (JSON lines).
+    List,
+    /// Revoke a key by its id or its printed prefix (`sk-tg-…`, first 10 characters).
+    Revoke { key: String },
 }
 
 #[derive(Args)]
@@ -49,12 +53,21 @@ struct CreateKey {
     /// Requests per minute.
     #[arg(long)]
     rpm: Option<u32>,
+    /// Tokens per minute (estimated input at admission, corrected to real usage when jobs finish).
+    #[arg(long)]
+    tpm: Option<u32>,
     /// Jobs queued or running at once.
     #[arg(long)]
     max_in_flight: Option<u32>,
     /// Budget in USD.
     #[arg(long)]
     budget_usd: Option<f64>,
+    /// When the budget starts again: daily or monthly (UTC). Default: never.
+    #[arg(long, value_parser = ["daily", "monthly"])]
+    budget_period: Option<String>,
+    /// The key stops working after this many days.
+    #[arg(long)]
+    expires_in_days: Option<u32>,
     /// Models this key may use, comma separated (default: all).
     #[arg(long, value_delimiter = ',')]
     models: Option<Vec<String>>,
@@ -94,6 +107,17 @@ async fn main() -> anyhow::Result<()> {
             served?;
         }
         Command::Keys(KeysCommand::Create(args)) => create_key(&pool, args).await?,
+        Command::Keys(KeysCommand::List) => {
+            for key in store::keys::list(&pool).await? {
+                println!("{}", serde_json::to_string(&key)?);
+            }
+        }
+        Command::Keys(KeysCommand::Revoke { key }) => {
+            if !store::keys::revoke(&pool, &key).await? {
+                anyhow::bail!("no live key with id or prefix {key:?}");
+            }
+            println!("revoked {key}");
+        }
     }
     Ok(())
 }
@@ -118,9 +142,18 @@ async fn create_key(pool: &sqlx::PgPool, args: CreateKey) -> anyhow::Result<()> 
     let new = store::keys::NewKey {
         name: args.name.clone(),
         rpm_limit: to_i32(args.rpm, "rpm")?,
+        tpm_limit: to_i32(args.tpm, "tpm")?,
         max_in_flight: to_i32(args.max_in_flight, "max-in-flight")?,
         budget,
+        budget_period: match args.budget_period.as_deref() {
+            Some("daily") => Some(BudgetPeriod::Daily),
+            Some("monthly") => Some(BudgetPeriod::Monthly),
+            _ => None,
+        },
         allowed_models: args.models.clone(),
+        expires_at: args
+            .expires_in_days
+            .map(|days| chrono::Utc::now() + chrono::Duration::days(days.into())),
     };
     let (id, secret) = store::keys::create(pool, &new).await?;
     if args.json {
@@ -128,6 +161,8 @@ async fn create_key(pool: &sqlx::PgPool, args: CreateKey) -> anyhow::Result<()> 
             "{}",
             serde_json::json!({
                 "id": id, "name": args.name, "key": secret, "rpm": new.rpm_limit,
+                "tpm": new.tpm_limit, "budget_period": new.budget_period,
+                "expires_at": new.expires_at,
                 "max_in_flight": new.max_in_flight,
                 "budget_usd": budget.map(|b| b.as_usd_string()), "models": args.models,
             })

@@ -9,10 +9,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    admission::Admission,
     api::{self, AppState},
     config::Config,
     queue::{outbox, Publisher},
-    store,
+    store::{self, jobs},
     worker::Worker,
 };
 
@@ -40,10 +41,20 @@ pub async fn serve(
         Duration::from_millis(config.server.relay_interval_ms),
         shutdown.clone(),
     ));
+    let sweeper = tokio::spawn(sweep_expired(
+        pool.clone(),
+        config.server.queued_job_ttl_seconds,
+        Duration::from_millis(config.server.sweep_interval_ms),
+        shutdown.clone(),
+    ));
+    let admission = Arc::new(
+        Admission::new(pool.clone(), config.clone()).context("invalid guardrail configuration")?,
+    );
     let state = AppState {
         pool,
         config,
         publisher: publisher.clone(),
+        admission,
     };
     tracing::info!(listen = %listener.local_addr()?, "front listening");
     let stop = shutdown.clone();
@@ -53,8 +64,29 @@ pub async fn serve(
         .context("HTTP server failed")?;
     shutdown.cancel();
     let _ = relay.await;
+    let _ = sweeper.await;
     publisher.close().await;
     Ok(())
+}
+
+/// Expires jobs left `queued` past their time to live, until `shutdown`.
+async fn sweep_expired(
+    pool: PgPool,
+    ttl_seconds: u64,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match jobs::expire_queued(&pool, ttl_seconds).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(expired = n, "jobs expired in the queue"),
+            Err(e) => tracing::warn!(error = %e, "could not expire queued jobs; will retry"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
 }
 
 /// Runs the worker until `shutdown`.

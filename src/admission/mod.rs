@@ -1,25 +1,46 @@
 //! Admission: the one place that decides whether a request becomes a job.
 //!
-//! It runs inside ONE PostgreSQL transaction that also writes the job row and its outbox message:
-//! lock the key's counter row, check the model, requests per minute, in-flight jobs and budget,
-//! take what the job needs (a request in the minute's window, an in-flight slot, a worst-case
-//! budget reservation), insert the job and the outbox row, commit. Any rejection rolls the whole
-//! transaction back, so a rejected request leaves nothing behind. Nothing after this point (the
-//! worker, a redelivery) runs admission again.
+//! Before any transaction: authenticate the key, validate the body, resolve the model, check the
+//! allow-list, estimate the input tokens and run the guardrails (a webhook may take a while; no
+//! lock is held meanwhile). Then ONE PostgreSQL transaction, five round trips when no limit trips:
+//!
+//! 1. `BEGIN`
+//! 2. lock the key's counter row (`FOR UPDATE`) — this serialises every admission of the key, so
+//!    each check below sees every admission committed before it — and, in the same statement,
+//!    look up the `Idempotency-Key` (a hit returns the first job and changes nothing);
+//! 3. count the request and its estimated tokens in the key's one-minute window (only for keys
+//!    with rpm/tpm limits) and check them;
+//! 4. take the in-flight slot and the worst-case budget reservation, insert the job (`queued`) and
+//!    its outbox row, in one statement;
+//! 5. `COMMIT`.
+//!
+//! A model with its own rpm/tpm limits adds one statement (its shared window row, locked until
+//! commit); a budget whose period rolled over adds one. Any rejection rolls the transaction back,
+//! so a rejected request leaves nothing behind; it is then counted in `tollgate.rejections` and in
+//! the metrics. Nothing after this point (the worker, a redelivery) runs admission again.
+
+pub mod guardrails;
+
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::PgPool;
+use sha2::{Digest, Sha256};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
 
 use crate::{
-    config::Config,
-    ids::{JobId, KeyId},
+    config::{Config, ModelConfig},
+    ids::{JobId, JobStatus, KeyId},
+    metrics,
     money::MicroUsd,
     queue::JobMessage,
     request::{CreateResponse, InvalidRequest},
     store::{jobs, keys},
     tokens,
 };
+
+pub use guardrails::{Blocked, Guardrails};
 
 /// Why admission refused a request.
 #[derive(Debug, thiserror::Error)]
@@ -34,8 +55,25 @@ pub enum Rejection {
     ModelNotAllowed(String),
     #[error("`max_output_tokens` {asked} is above the model's limit of {cap}")]
     OutputCapExceeded { asked: u32, cap: u32 },
-    #[error("rate limit reached: {limit} requests per minute")]
-    RequestsPerMinute { limit: i32, retry_after_secs: u64 },
+    #[error("request blocked by guardrail `{}`: {}", .0.guardrail, .0.reason)]
+    Guardrail(Blocked),
+    #[error("the Idempotency-Key was already used with a different request body")]
+    IdempotencyMismatch,
+    #[error("{scope} rate limit reached: {limit} requests per minute")]
+    RequestsPerMinute {
+        scope: Scope,
+        limit: i64,
+        retry_after_secs: u64,
+    },
+    #[error(
+        "{scope} rate limit reached: {limit} tokens per minute (this request counts {needed})"
+    )]
+    TokensPerMinute {
+        scope: Scope,
+        limit: i64,
+        needed: i64,
+        retry_after_secs: u64,
+    },
     #[error("too many jobs in flight: the limit is {limit}")]
     InFlight { limit: i32 },
     #[error("budget exhausted: this request may cost up to {needed} USD and {left} USD are left")]
@@ -44,15 +82,93 @@ pub enum Rejection {
     Database(#[from] sqlx::Error),
 }
 
-/// An admitted, committed job.
-#[derive(Debug)]
-pub struct Admitted {
-    pub job: jobs::JobRow,
-    pub outbox_id: i64,
-    pub message: JobMessage,
+/// Whose limit tripped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Key,
+    Model,
 }
 
-/// The key's row and its live counters, locked for the admission transaction.
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Scope::Key => "key",
+            Scope::Model => "model",
+        })
+    }
+}
+
+impl Rejection {
+    /// The reason as counted in `tollgate.rejections` and the metrics.
+    pub fn reason(&self) -> String {
+        match self {
+            Rejection::InvalidKey => "invalid_key".into(),
+            Rejection::InvalidRequest(_) => "invalid_request".into(),
+            Rejection::UnknownModel(_) => "unknown_model".into(),
+            Rejection::ModelNotAllowed(_) => "model_not_allowed".into(),
+            Rejection::OutputCapExceeded { .. } => "output_cap".into(),
+            Rejection::Guardrail(b) => format!("guardrail:{}", b.guardrail),
+            Rejection::IdempotencyMismatch => "idempotency_mismatch".into(),
+            Rejection::RequestsPerMinute { scope, .. } => format!("{scope}_rpm"),
+            Rejection::TokensPerMinute { scope, .. } => format!("{scope}_tpm"),
+            Rejection::InFlight { .. } => "in_flight".into(),
+            Rejection::Budget { .. } => "budget".into(),
+            Rejection::Database(_) => "internal".into(),
+        }
+    }
+}
+
+/// The outcome of an accepted request.
+#[derive(Debug)]
+pub enum Admitted {
+    /// A new job, committed; its message must now be published.
+    New {
+        job: jobs::JobRow,
+        outbox_id: i64,
+        message: JobMessage,
+    },
+    /// The Idempotency-Key named an existing job with the same body: that job, nothing changed.
+    Replayed(jobs::JobRow),
+}
+
+/// One limit's state for the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub limit: i64,
+    pub remaining: i64,
+    /// Seconds until the window starts again.
+    pub reset_secs: u64,
+}
+
+/// The key's requests and tokens windows, as the `x-ratelimit-*` headers report them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateReport {
+    pub requests: Option<Quota>,
+    pub tokens: Option<Quota>,
+}
+
+/// A decision, with what the headers should say about the key's windows.
+#[derive(Debug)]
+pub struct Decision {
+    pub result: Result<Admitted, Rejection>,
+    pub rates: RateReport,
+}
+
+/// A request as the front hands it to admission.
+pub struct Submission<'a> {
+    pub secret: &'a str,
+    pub body: Result<(CreateResponse, Value), InvalidRequest>,
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// Admission's dependencies.
+pub struct Admission {
+    pool: PgPool,
+    config: Arc<Config>,
+    guardrails: Guardrails,
+}
+
+/// The key's row and live counters, locked for the admission transaction.
 #[derive(Debug, sqlx::FromRow)]
 struct LockedKey {
     #[sqlx(flatten)]
@@ -60,136 +176,324 @@ struct LockedKey {
     in_flight: i32,
     reserved_micro_usd: i64,
     spent_micro_usd: i64,
+    period_start: Option<DateTime<Utc>>,
+    current_period: Option<DateTime<Utc>>,
+    idempotent_job: Option<Uuid>,
+    idempotent_hash: Option<Vec<u8>>,
 }
 
-/// Runs admission for one request and, if it passes, commits the job and its outbox row.
-#[tracing::instrument(skip_all, fields(key_id = tracing::field::Empty))]
-pub async fn admit(
-    pool: &PgPool,
-    config: &Config,
-    secret: &str,
-    body: Result<(CreateResponse, Value), InvalidRequest>,
-) -> Result<Admitted, Rejection> {
-    let mut tx = pool.begin().await?;
-    // The counter row lock serialises this key's admissions: every check below sees the effect
-    // of every admission committed before it.
-    let locked: Option<LockedKey> = sqlx::query_as(
-        "SELECT k.id, k.name, k.rpm_limit, k.max_in_flight, k.budget_micro_usd, k.allowed_models,
-                c.in_flight, c.reserved_micro_usd, c.spent_micro_usd
-           FROM tollgate.api_keys k
-           JOIN tollgate.key_counters c ON c.key_id = k.id AND c.slot = 0
-          WHERE k.key_hash = $1 AND k.revoked_at IS NULL
+/// A request and its tokens counted in a one-minute window.
+#[derive(Debug, sqlx::FromRow)]
+struct Window {
+    requests: i32,
+    tokens: i64,
+    window_start: DateTime<Utc>,
+}
+
+impl Window {
+    fn reset_secs(&self) -> u64 {
+        let end = self.window_start + chrono::Duration::seconds(60);
+        ((end - Utc::now()).num_milliseconds().max(0) as u64)
+            .div_ceil(1000)
+            .max(1)
+    }
+}
+
+/// The worst-case cost admission reserves: the input's upper bound and the output cap, at the
+/// model's prices.
+pub fn worst_case_cost(model: &ModelConfig, request: &CreateResponse) -> MicroUsd {
+    let input = tokens::estimate(tokens::tokenizer_for(model), &request.messages());
+    let output = request.max_output_tokens.unwrap_or(model.max_output_tokens);
+    model.cost(input.upper_bound as u64, output as u64)
+}
+
+impl Admission {
+    pub fn new(pool: PgPool, config: Arc<Config>) -> Result<Self, regex::Error> {
+        let guardrails = Guardrails::new(&config.guardrails)?;
+        Ok(Self {
+            pool,
+            config,
+            guardrails,
+        })
+    }
+
+    /// Decides on a request and, if it is admitted, commits its job and outbox row.
+    #[tracing::instrument(skip_all, fields(key_id = tracing::field::Empty))]
+    pub async fn admit(&self, submission: Submission<'_>) -> Decision {
+        let mut rates = RateReport::default();
+        let mut key_id = None;
+        let result = self.decide(submission, &mut rates, &mut key_id).await;
+        match &result {
+            Ok(Admitted::New { job, .. }) => {
+                metrics::increment("tollgate_admitted_total", "model", &job.model);
+            }
+            Ok(Admitted::Replayed(_)) | Err(Rejection::Database(_)) => {}
+            Err(rejection) => self.count_rejection(key_id, rejection).await,
+        }
+        Decision { result, rates }
+    }
+
+    async fn decide(
+        &self,
+        submission: Submission<'_>,
+        rates: &mut RateReport,
+        key_id: &mut Option<KeyId>,
+    ) -> Result<Admitted, Rejection> {
+        let key = keys::find_live(&self.pool, submission.secret)
+            .await?
+            .ok_or(Rejection::InvalidKey)?;
+        *key_id = Some(key.id);
+        tracing::Span::current().record("key_id", tracing::field::display(key.id));
+
+        let (request, raw) = submission.body.map_err(Rejection::InvalidRequest)?;
+        let model = self
+            .config
+            .model(&request.model)
+            .ok_or_else(|| Rejection::UnknownModel(request.model.clone()))?;
+        if !key.allows_model(&model.name) {
+            return Err(Rejection::ModelNotAllowed(model.name.clone()));
+        }
+        if let Some(asked) = request.max_output_tokens {
+            if asked > model.max_output_tokens {
+                return Err(Rejection::OutputCapExceeded {
+                    asked,
+                    cap: model.max_output_tokens,
+                });
+            }
+        }
+        let messages = request.messages();
+        let estimate = tokens::estimate(tokens::tokenizer_for(model), &messages);
+        self.guardrails
+            .check(&model.name, &messages)
+            .await
+            .map_err(Rejection::Guardrail)?;
+        let request_hash = Sha256::digest(serde_json::to_vec(&raw).expect("JSON serialises"));
+        let reserve = worst_case_cost(model, &request);
+
+        let mut tx = self.pool.begin().await?;
+        let locked = lock_key(&mut tx, key.id, submission.idempotency_key).await?;
+        let locked = locked.ok_or(Rejection::InvalidKey)?; // revoked or expired meanwhile
+        if let Some(existing) = locked.idempotent_job {
+            if locked.idempotent_hash.as_deref() != Some(&request_hash[..]) {
+                return Err(Rejection::IdempotencyMismatch);
+            }
+            drop(tx);
+            let job = jobs::get_for_key(&self.pool, JobId(existing), key.id)
+                .await?
+                .ok_or(Rejection::IdempotencyMismatch)?; // deleted between the two reads
+            return Ok(Admitted::Replayed(job));
+        }
+
+        let tokens = estimate.tokens as i64;
+        let key = &locked.key;
+        if key.rpm_limit.is_some() || key.tpm_limit.is_some() {
+            let window = count_in_key_window(&mut tx, key.id, tokens).await?;
+            let reset_secs = window.reset_secs();
+            rates.requests = key.rpm_limit.map(|limit| Quota {
+                limit: limit as i64,
+                remaining: (limit as i64 - window.requests as i64).max(0),
+                reset_secs,
+            });
+            rates.tokens = key.tpm_limit.map(|limit| Quota {
+                limit: limit as i64,
+                remaining: (limit as i64 - window.tokens).max(0),
+                reset_secs,
+            });
+            check_window(
+                &window,
+                Scope::Key,
+                key.rpm_limit.map(i64::from),
+                key.tpm_limit.map(i64::from),
+                tokens,
+            )?;
+        }
+        if model.rpm_limit.is_some() || model.tpm_limit.is_some() {
+            let window = count_in_model_window(&mut tx, &model.name, tokens).await?;
+            check_window(
+                &window,
+                Scope::Model,
+                model.rpm_limit.map(i64::from),
+                model.tpm_limit.map(|t| t as i64),
+                tokens,
+            )?;
+        }
+        if let Some(limit) = key.max_in_flight {
+            if locked.in_flight >= limit {
+                return Err(Rejection::InFlight { limit });
+            }
+        }
+        if let Some(budget) = key.budget_micro_usd {
+            let mut spent = locked.spent_micro_usd;
+            if locked.current_period.is_some() && locked.current_period != locked.period_start {
+                start_budget_period(&mut tx, key.id, locked.current_period).await?;
+                spent = 0;
+            }
+            let left = budget - spent - locked.reserved_micro_usd;
+            if reserve.0 > left {
+                return Err(Rejection::Budget {
+                    needed: reserve.as_usd_string(),
+                    left: MicroUsd(left.max(0)).as_usd_string(),
+                });
+            }
+        }
+
+        let id = JobId::new();
+        let message = JobMessage::new(id, &model.name);
+        let outbox_payload = serde_json::to_value(&message).expect("a job message serialises");
+        let (outbox_id, created_at) = jobs::insert_admitted(
+            &mut tx,
+            &jobs::NewJob {
+                id,
+                key_id: key.id,
+                model: &model.name,
+                request: &raw,
+                request_hash: &request_hash,
+                idempotency_key: submission.idempotency_key,
+                estimated_input_tokens: estimate.tokens as i32,
+                admitted_tokens: tokens,
+                reserved: reserve,
+                counter_slot: 0,
+                outbox_payload: &outbox_payload,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(job_id = %id, key_id = %key.id, model = %model.name, "admitted");
+        Ok(Admitted::New {
+            job: queued_row(id, key.id, &model.name, raw, created_at),
+            outbox_id,
+            message,
+        })
+    }
+
+    /// Counts a rejection by minute, key and reason, outside the (rolled back) transaction.
+    async fn count_rejection(&self, key_id: Option<KeyId>, rejection: &Rejection) {
+        let reason = rejection.reason();
+        metrics::increment("tollgate_rejected_total", "reason", &reason);
+        let counted = sqlx::query(
+            "INSERT INTO tollgate.rejections AS r (minute, key_id, reason, count)
+             VALUES (date_trunc('minute', now()), $1, $2, 1)
+             ON CONFLICT (minute, key_id, reason) DO UPDATE SET count = r.count + 1",
+        )
+        .bind(key_id.map_or(Uuid::nil(), |k| k.0))
+        .bind(&reason)
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = counted {
+            tracing::warn!(error = %e, %reason, "could not count a rejection");
+        }
+    }
+}
+
+/// Locks the key's counter row (if the key is still live) and looks up the Idempotency-Key.
+async fn lock_key(
+    tx: &mut PgConnection,
+    key_id: KeyId,
+    idempotency_key: Option<&str>,
+) -> Result<Option<LockedKey>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT k.id, k.name, k.rpm_limit, k.tpm_limit, k.max_in_flight, k.budget_micro_usd,
+                k.budget_period, k.allowed_models,
+                c.in_flight, c.reserved_micro_usd, c.spent_micro_usd, c.period_start,
+                CASE k.budget_period
+                    WHEN 'daily' THEN date_trunc('day', now(), 'UTC')
+                    WHEN 'monthly' THEN date_trunc('month', now(), 'UTC')
+                END AS current_period,
+                j.id AS idempotent_job, j.request_hash AS idempotent_hash
+           FROM tollgate.key_counters c
+           JOIN tollgate.api_keys k ON k.id = c.key_id
+           LEFT JOIN tollgate.jobs j ON j.key_id = c.key_id AND j.idempotency_key = $2
+          WHERE c.key_id = $1 AND c.slot = 0 AND k.revoked_at IS NULL
             AND (k.expires_at IS NULL OR k.expires_at > now())
             FOR UPDATE OF c",
     )
-    .bind(keys::hash_secret(secret))
-    .fetch_optional(&mut *tx)
-    .await?;
-    let locked = locked.ok_or(Rejection::InvalidKey)?;
-    let key = &locked.key;
-    tracing::Span::current().record("key_id", tracing::field::display(key.id));
-
-    let (request, raw) = body.map_err(Rejection::InvalidRequest)?;
-    let model = config
-        .model(&request.model)
-        .ok_or_else(|| Rejection::UnknownModel(request.model.clone()))?;
-    if !key.allows_model(&model.name) {
-        return Err(Rejection::ModelNotAllowed(model.name.clone()));
-    }
-    let max_output = match request.max_output_tokens {
-        Some(asked) if asked > model.max_output_tokens => {
-            return Err(Rejection::OutputCapExceeded {
-                asked,
-                cap: model.max_output_tokens,
-            })
-        }
-        Some(asked) => asked,
-        None => model.max_output_tokens,
-    };
-    let input_estimate = tokens::estimate_messages(&request.messages());
-
-    if let Some(limit) = key.rpm_limit {
-        take_request_in_window(&mut tx, key.id, limit).await?;
-    }
-    if let Some(limit) = key.max_in_flight {
-        if locked.in_flight >= limit {
-            return Err(Rejection::InFlight { limit });
-        }
-    }
-    let reserve = model.cost(input_estimate as u64, max_output as u64);
-    if let Some(budget) = key.budget_micro_usd {
-        let left = budget - locked.spent_micro_usd - locked.reserved_micro_usd;
-        if reserve.0 > left {
-            return Err(Rejection::Budget {
-                needed: reserve.as_usd_string(),
-                left: MicroUsd(left.max(0)).as_usd_string(),
-            });
-        }
-    }
-    sqlx::query(
-        "UPDATE tollgate.key_counters
-            SET in_flight = in_flight + 1, reserved_micro_usd = reserved_micro_usd + $2
-          WHERE key_id = $1 AND slot = 0",
-    )
-    .bind(key.id)
-    .bind(reserve.0)
-    .execute(&mut *tx)
-    .await?;
-
-    let id = JobId::new();
-    let message = JobMessage::new(id, &model.name);
-    let outbox_payload = serde_json::to_value(&message).expect("a job message serialises");
-    let (outbox_id, created_at) = jobs::insert_admitted(
-        &mut tx,
-        &jobs::NewJob {
-            id,
-            key_id: key.id,
-            model: &model.name,
-            request: &raw,
-            estimated_input_tokens: input_estimate as i32,
-            reserved: reserve,
-            counter_slot: 0,
-            outbox_payload: &outbox_payload,
-        },
-    )
-    .await?;
-    tx.commit().await?;
-    tracing::info!(job_id = %id, key_id = %key.id, model = %model.name, "admitted");
-    Ok(Admitted {
-        job: queued_row(id, key.id, &model.name, raw, created_at),
-        outbox_id,
-        message,
-    })
+    .bind(key_id)
+    .bind(idempotency_key)
+    .fetch_optional(tx)
+    .await
 }
 
-/// Counts this request in the key's current one-minute window, or rejects it when the window is
-/// full. Atomic on its own (`ON CONFLICT … WHERE`), and serialised by the counter lock.
-async fn take_request_in_window(
-    tx: &mut sqlx::PgConnection,
+/// Counts the request and its tokens in the key's current window and returns the window's new
+/// totals. Checked afterwards: a rejection rolls the count back with the transaction.
+async fn count_in_key_window(
+    tx: &mut PgConnection,
     key_id: KeyId,
-    limit: i32,
-) -> Result<(), Rejection> {
-    let taken: Option<(i32, DateTime<Utc>)> = sqlx::query_as(
-        "INSERT INTO tollgate.rate_windows AS w (key_id, slot, window_start, requests)
-         VALUES ($1, 0, date_trunc('minute', now()), 1)
+    tokens: i64,
+) -> Result<Window, sqlx::Error> {
+    sqlx::query_as(
+        "INSERT INTO tollgate.rate_windows AS w (key_id, slot, window_start, requests, tokens)
+         VALUES ($1, 0, date_trunc('minute', now()), 1, $2)
          ON CONFLICT (key_id, slot, window_start)
-         DO UPDATE SET requests = w.requests + 1 WHERE w.requests < $2
-         RETURNING requests, window_start",
+         DO UPDATE SET requests = w.requests + 1, tokens = w.tokens + EXCLUDED.tokens
+         RETURNING requests, tokens, window_start",
     )
     .bind(key_id)
-    .bind(limit)
-    .fetch_optional(&mut *tx)
-    .await?;
-    match taken {
-        Some(_) => Ok(()),
-        None => {
-            let into_minute = Utc::now().timestamp().rem_euclid(60) as u64;
-            Err(Rejection::RequestsPerMinute {
-                limit,
-                retry_after_secs: (60 - into_minute).max(1),
-            })
-        }
+    .bind(tokens)
+    .fetch_one(tx)
+    .await
+}
+
+/// The same for a model's window, shared by every key. The upsert locks the window row until
+/// commit, so concurrent admissions of the model are exact too.
+async fn count_in_model_window(
+    tx: &mut PgConnection,
+    model: &str,
+    tokens: i64,
+) -> Result<Window, sqlx::Error> {
+    sqlx::query_as(
+        "INSERT INTO tollgate.model_rate_windows AS w (model, window_start, requests, tokens)
+         VALUES ($1, date_trunc('minute', now()), 1, $2)
+         ON CONFLICT (model, window_start)
+         DO UPDATE SET requests = w.requests + 1, tokens = w.tokens + EXCLUDED.tokens
+         RETURNING requests, tokens, window_start",
+    )
+    .bind(model)
+    .bind(tokens)
+    .fetch_one(tx)
+    .await
+}
+
+fn check_window(
+    window: &Window,
+    scope: Scope,
+    rpm: Option<i64>,
+    tpm: Option<i64>,
+    tokens: i64,
+) -> Result<(), Rejection> {
+    let retry_after_secs = window.reset_secs();
+    if let Some(limit) = rpm.filter(|limit| window.requests as i64 > *limit) {
+        return Err(Rejection::RequestsPerMinute {
+            scope,
+            limit,
+            retry_after_secs,
+        });
     }
+    if let Some(limit) = tpm.filter(|limit| window.tokens > *limit) {
+        return Err(Rejection::TokensPerMinute {
+            scope,
+            limit,
+            needed: tokens,
+            retry_after_secs,
+        });
+    }
+    Ok(())
+}
+
+/// Starts a new budget period on the key's (locked) counter row: spend counts from zero again.
+async fn start_budget_period(
+    tx: &mut PgConnection,
+    key_id: KeyId,
+    period: Option<DateTime<Utc>>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE tollgate.key_counters SET spent_micro_usd = 0, period_start = $2
+          WHERE key_id = $1 AND slot = 0",
+    )
+    .bind(key_id)
+    .bind(period)
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 fn queued_row(
@@ -203,7 +507,7 @@ fn queued_row(
         id,
         key_id,
         model: model.into(),
-        status: crate::ids::JobStatus::Queued,
+        status: JobStatus::Queued,
         request: sqlx::types::Json(request),
         output_text: String::new(),
         input_tokens: None,

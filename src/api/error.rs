@@ -38,12 +38,19 @@ pub enum ApiError {
     /// 413: the body is over the configured limit.
     #[error("request body too large")]
     PayloadTooLarge,
+    /// 422: the Idempotency-Key was used before with another body.
+    #[error("{0}")]
+    Unprocessable(String),
     /// 429: a rate limit; `retry_after` in seconds.
     #[error("{message}")]
     RateLimited {
         message: String,
+        kind: &'static str,
         retry_after: Option<u64>,
     },
+    /// 400 naming the guardrail that refused the request.
+    #[error("{0}")]
+    Guardrail(String),
     /// 429 `insufficient_quota`: the key's budget cannot cover the request.
     #[error("{0}")]
     InsufficientQuota(String),
@@ -97,12 +104,23 @@ impl From<Rejection> for ApiError {
                 retry_after_secs, ..
             } => ApiError::RateLimited {
                 message: format!("Rate limit reached: {message}. Please try again later."),
+                kind: "requests",
+                retry_after: Some(retry_after_secs),
+            },
+            Rejection::TokensPerMinute {
+                retry_after_secs, ..
+            } => ApiError::RateLimited {
+                message: format!("Rate limit reached: {message}. Please try again later."),
+                kind: "tokens",
                 retry_after: Some(retry_after_secs),
             },
             Rejection::InFlight { .. } => ApiError::RateLimited {
                 message: format!("Rate limit reached: {message}. Retry when a job finishes."),
+                kind: "requests",
                 retry_after: Some(1),
             },
+            Rejection::Guardrail(_) => ApiError::Guardrail(format!("{message}.")),
+            Rejection::IdempotencyMismatch => ApiError::Unprocessable(format!("{message}.")),
             Rejection::Budget { .. } => {
                 ApiError::InsufficientQuota(format!("You exceeded your current quota: {message}."))
             }
@@ -151,11 +169,23 @@ impl IntoResponse for ApiError {
                 None,
                 None,
             ),
-            ApiError::RateLimited { .. } => (
+            ApiError::RateLimited { kind, .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
-                "requests",
+                *kind,
                 None,
                 Some("rate_limit_exceeded"),
+            ),
+            ApiError::Guardrail(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("input".into()),
+                Some("guardrail_violation"),
+            ),
+            ApiError::Unprocessable(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                None,
+                Some("idempotency_key_reused"),
             ),
             ApiError::InsufficientQuota(_) => (
                 StatusCode::TOO_MANY_REQUESTS,

@@ -1,5 +1,5 @@
-//! Liveness (`/healthz`: the process answers) and readiness (`/readyz`: PostgreSQL answers and a
-//! RabbitMQ connection is open).
+//! Liveness (`/healthz`: the process answers), readiness (`/readyz`: PostgreSQL answers and a
+//! RabbitMQ connection is open) and Prometheus metrics (`/metrics`).
 
 use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
 use serde_json::{json, Value};
@@ -10,6 +10,15 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    crate::metrics::render(),
+                )
+            }),
+        )
 }
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {

@@ -20,7 +20,7 @@ use sqlx::PgPool;
 pub use error::ApiError;
 pub use object::response_object;
 
-use crate::{config::Config, queue::Publisher};
+use crate::{admission::Admission, config::Config, queue::Publisher};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -28,6 +28,7 @@ pub struct AppState {
     pub pool: PgPool,
     pub config: Arc<Config>,
     pub publisher: Arc<Publisher>,
+    pub admission: Arc<Admission>,
 }
 
 pub fn app(state: AppState) -> Router {

@@ -35,7 +35,7 @@ pub fn stream(model: &ModelConfig, request: &CallRequest) -> ChunkStream {
         .unwrap_or(model.max_output_tokens)
         .min(model.mock_deltas);
     let delay = Duration::from_millis(model.mock_delay_ms);
-    let input_tokens = tokens::estimate_messages(&request.messages);
+    let input_tokens = tokens::estimate(tokens::tokenizer_for(model), &request.messages).tokens;
     let deltas = futures::stream::iter(0..cap as usize).then(move |i| async move {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;

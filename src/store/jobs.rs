@@ -21,10 +21,52 @@ pub struct NewJob<'a> {
     pub key_id: KeyId,
     pub model: &'a str,
     pub request: &'a Value,
+    pub request_hash: &'a [u8],
+    pub idempotency_key: Option<&'a str>,
     pub estimated_input_tokens: i32,
+    /// Tokens counted in the TPM windows at admission.
+    pub admitted_tokens: i64,
     pub reserved: MicroUsd,
     pub counter_slot: i16,
     pub outbox_payload: &'a Value,
+}
+
+/// Inside the admission transaction, in one statement: takes the in-flight slot and the budget
+/// reservation on the key's (locked) counter row, inserts the job (status `queued`) and its outbox
+/// message. Returns the outbox row's id and the job's creation time.
+pub async fn insert_admitted(
+    conn: &mut PgConnection,
+    job: &NewJob<'_>,
+) -> Result<(i64, DateTime<Utc>), sqlx::Error> {
+    sqlx::query_as(
+        "WITH taken AS (
+             UPDATE tollgate.key_counters
+                SET in_flight = in_flight + 1, reserved_micro_usd = reserved_micro_usd + $6
+              WHERE key_id = $2 AND slot = $7
+         ), job AS (
+             INSERT INTO tollgate.jobs
+                 (id, key_id, model, request, estimated_input_tokens, reserved_micro_usd,
+                  counter_slot, admitted_tokens, idempotency_key, request_hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $10, $11)
+             RETURNING id, created_at
+         )
+         INSERT INTO tollgate.outbox (job_id, payload)
+         SELECT id, $8 FROM job
+         RETURNING id, (SELECT created_at FROM job)",
+    )
+    .bind(job.id)
+    .bind(job.key_id)
+    .bind(job.model)
+    .bind(Json(job.request))
+    .bind(job.estimated_input_tokens)
+    .bind(job.reserved.0)
+    .bind(job.counter_slot)
+    .bind(Json(job.outbox_payload))
+    .bind(job.admitted_tokens)
+    .bind(job.idempotency_key)
+    .bind(job.request_hash)
+    .fetch_one(conn)
+    .await
 }
 
 /// A job as clients and operators see it.
@@ -44,35 +86,6 @@ pub struct JobRow {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
-}
-
-/// Inserts an admitted job (status `queued`) and its outbox message, inside the admission
-/// transaction. Returns the outbox row's id and the job's creation time.
-pub async fn insert_admitted(
-    conn: &mut PgConnection,
-    job: &NewJob<'_>,
-) -> Result<(i64, DateTime<Utc>), sqlx::Error> {
-    sqlx::query_as(
-        "WITH job AS (
-             INSERT INTO tollgate.jobs
-                 (id, key_id, model, request, estimated_input_tokens, reserved_micro_usd, counter_slot)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             RETURNING id, created_at
-         )
-         INSERT INTO tollgate.outbox (job_id, payload)
-         SELECT id, $8 FROM job
-         RETURNING id, (SELECT created_at FROM job)",
-    )
-    .bind(job.id)
-    .bind(job.key_id)
-    .bind(job.model)
-    .bind(Json(job.request))
-    .bind(job.estimated_input_tokens)
-    .bind(job.reserved.0)
-    .bind(job.counter_slot)
-    .bind(Json(job.outbox_payload))
-    .fetch_one(conn)
-    .await
 }
 
 const JOB_COLUMNS: &str = "id, key_id, model, status, request, output_text, input_tokens, \
@@ -193,8 +206,9 @@ pub struct Outcome {
     pub error: Option<Value>,
 }
 
-/// Moves this attempt of the job to its terminal state and, in the same statement, gives back what
-/// admission took: the in-flight slot and the budget reservation, replaced by the real cost.
+/// Moves this attempt of the job to its terminal state. The `jobs_release_admission` trigger
+/// gives back, in the same statement, what admission took (the in-flight slot, the budget
+/// reservation replaced by the charged cost, the TPM estimate replaced by the real usage).
 /// Returns false (and changes nothing) when this attempt no longer owns the job.
 #[tracing::instrument(skip_all, fields(job_id = %id, status = ?outcome.status))]
 pub async fn finish(
@@ -204,23 +218,11 @@ pub async fn finish(
     outcome: &Outcome,
 ) -> Result<bool, sqlx::Error> {
     debug_assert!(outcome.status.is_terminal());
-    let finished: i64 = sqlx::query_scalar(
-        "WITH done AS (
-             UPDATE tollgate.jobs
-                SET status = $3, input_tokens = $4, output_tokens = $5, cost_micro_usd = $6,
-                    error = $7, finished_at = now(), updated_at = now(), lease_until = NULL
-              WHERE id = $1 AND attempt = $2 AND status = 'in_progress'
-              RETURNING key_id, counter_slot, reserved_micro_usd, cost_micro_usd
-         ), released AS (
-             UPDATE tollgate.key_counters c
-                SET in_flight = c.in_flight - 1,
-                    reserved_micro_usd = c.reserved_micro_usd - done.reserved_micro_usd,
-                    spent_micro_usd = c.spent_micro_usd + done.cost_micro_usd
-               FROM done
-              WHERE c.key_id = done.key_id AND c.slot = done.counter_slot
-              RETURNING 1
-         )
-         SELECT count(*) FROM done",
+    let finished = sqlx::query(
+        "UPDATE tollgate.jobs
+            SET status = $3, input_tokens = $4, output_tokens = $5, cost_micro_usd = $6,
+                error = $7, finished_at = now(), updated_at = now(), lease_until = NULL
+          WHERE id = $1 AND attempt = $2 AND status = 'in_progress'",
     )
     .bind(id)
     .bind(attempt)
@@ -229,9 +231,59 @@ pub async fn finish(
     .bind(outcome.output_tokens)
     .bind(outcome.cost.0)
     .bind(outcome.error.as_ref().map(Json))
-    .fetch_one(pool)
-    .await?;
+    .execute(pool)
+    .await?
+    .rows_affected();
     Ok(finished == 1)
+}
+
+/// What cancelling found.
+#[derive(Debug)]
+pub enum Cancelled {
+    /// The job was queued or running and is now `cancelled`.
+    Now(JobRow),
+    /// The job had already finished; it is returned unchanged.
+    AlreadyFinished(JobRow),
+    NotFound,
+}
+
+/// Cancels a job of `key_id` that is queued or running. A running job's worker finds out at its
+/// next write (it no longer owns the job) and stops; the partial output is kept.
+#[tracing::instrument(skip_all, fields(job_id = %id))]
+pub async fn cancel(pool: &PgPool, id: JobId, key_id: KeyId) -> Result<Cancelled, sqlx::Error> {
+    let cancelled: Option<JobRow> = sqlx::query_as(&format!(
+        "UPDATE tollgate.jobs
+            SET status = 'cancelled', finished_at = now(), updated_at = now(), lease_until = NULL
+          WHERE id = $1 AND key_id = $2 AND status IN ('queued', 'in_progress')
+          RETURNING {JOB_COLUMNS}"
+    ))
+    .bind(id)
+    .bind(key_id)
+    .fetch_optional(pool)
+    .await?;
+    if let Some(job) = cancelled {
+        return Ok(Cancelled::Now(job));
+    }
+    Ok(match get_for_key(pool, id, key_id).await? {
+        Some(job) => Cancelled::AlreadyFinished(job),
+        None => Cancelled::NotFound,
+    })
+}
+
+/// Ends jobs still `queued` after `ttl_seconds` (`failed`, code `expired`); the trigger gives back
+/// their slots and reservations. Returns how many expired.
+pub async fn expire_queued(pool: &PgPool, ttl_seconds: u64) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE tollgate.jobs
+            SET status = 'failed', finished_at = now(), updated_at = now(),
+                error = jsonb_build_object('code', 'expired',
+                    'message', 'the job waited in the queue longer than its time to live')
+          WHERE status = 'queued' AND created_at < now() - make_interval(secs => $1)",
+    )
+    .bind(ttl_seconds as f64)
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
 
 /// Gives a claimed job back (`in_progress → queued`) when its worker stops before finishing it,

@@ -1,5 +1,6 @@
 //! API keys. The secret is shown once, at creation; only its SHA-256 is stored.
 
+use chrono::{DateTime, Utc};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use sqlx::{PgExecutor, PgPool};
@@ -12,9 +13,21 @@ use crate::{ids::KeyId, money::MicroUsd};
 pub struct NewKey {
     pub name: String,
     pub rpm_limit: Option<i32>,
+    pub tpm_limit: Option<i32>,
     pub max_in_flight: Option<i32>,
     pub budget: Option<MicroUsd>,
+    pub budget_period: Option<BudgetPeriod>,
     pub allowed_models: Option<Vec<String>>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// How often a key's budget starts again (UTC days and months); mirrors `tollgate.budget_period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize, serde::Deserialize)]
+#[sqlx(type_name = "tollgate.budget_period", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetPeriod {
+    Daily,
+    Monthly,
 }
 
 /// A live key and its limits, as admission sees it.
@@ -23,8 +36,10 @@ pub struct ApiKey {
     pub id: KeyId,
     pub name: String,
     pub rpm_limit: Option<i32>,
+    pub tpm_limit: Option<i32>,
     pub max_in_flight: Option<i32>,
     pub budget_micro_usd: Option<i64>,
+    pub budget_period: Option<BudgetPeriod>,
     pub allowed_models: Option<Vec<String>>,
 }
 
@@ -56,17 +71,21 @@ pub async fn create(pool: &PgPool, new: &NewKey) -> Result<(KeyId, String), sqlx
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO tollgate.api_keys
-             (id, name, key_hash, key_prefix, rpm_limit, max_in_flight, budget_micro_usd, allowed_models)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             (id, name, key_hash, key_prefix, rpm_limit, tpm_limit, max_in_flight,
+              budget_micro_usd, budget_period, allowed_models, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(id)
     .bind(&new.name)
     .bind(hash_secret(&secret))
     .bind(&secret[..10])
     .bind(new.rpm_limit)
+    .bind(new.tpm_limit)
     .bind(new.max_in_flight)
     .bind(new.budget.map(|b| b.0))
+    .bind(new.budget_period)
     .bind(&new.allowed_models)
+    .bind(new.expires_at)
     .execute(&mut *tx)
     .await?;
     sqlx::query("INSERT INTO tollgate.key_counters (key_id, slot) VALUES ($1, 0)")
@@ -83,11 +102,63 @@ pub async fn find_live<'e>(
     secret: &str,
 ) -> Result<Option<ApiKey>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, name, rpm_limit, max_in_flight, budget_micro_usd, allowed_models
+        "SELECT id, name, rpm_limit, tpm_limit, max_in_flight, budget_micro_usd, budget_period,
+                allowed_models
            FROM tollgate.api_keys
           WHERE key_hash = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())",
     )
     .bind(hash_secret(secret))
     .fetch_optional(executor)
+    .await
+}
+
+/// Revokes a key, named by its id or its printed prefix. Returns false when no live key matched.
+pub async fn revoke(pool: &PgPool, id_or_prefix: &str) -> Result<bool, sqlx::Error> {
+    let id = Uuid::try_parse(id_or_prefix).ok();
+    let revoked = sqlx::query(
+        "UPDATE tollgate.api_keys SET revoked_at = now()
+          WHERE revoked_at IS NULL AND (id = $1 OR key_prefix = $2)",
+    )
+    .bind(id)
+    .bind(id_or_prefix)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(revoked > 0)
+}
+
+/// A key as `tollgate keys list` shows it.
+#[derive(Debug, sqlx::FromRow, serde::Serialize)]
+pub struct KeyListing {
+    pub id: Uuid,
+    pub name: String,
+    pub key_prefix: String,
+    pub rpm_limit: Option<i32>,
+    pub tpm_limit: Option<i32>,
+    pub max_in_flight: Option<i32>,
+    pub budget_micro_usd: Option<i64>,
+    pub budget_period: Option<BudgetPeriod>,
+    pub allowed_models: Option<Vec<String>>,
+    pub in_flight: i64,
+    pub reserved_micro_usd: i64,
+    pub spent_micro_usd: i64,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Every key with its live counters (summed over its slots).
+pub async fn list(pool: &PgPool) -> Result<Vec<KeyListing>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT k.id, k.name, k.key_prefix, k.rpm_limit, k.tpm_limit, k.max_in_flight,
+                k.budget_micro_usd, k.budget_period, k.allowed_models,
+                coalesce(sum(c.in_flight), 0)::bigint AS in_flight,
+                coalesce(sum(c.reserved_micro_usd), 0)::bigint AS reserved_micro_usd,
+                coalesce(sum(c.spent_micro_usd), 0)::bigint AS spent_micro_usd,
+                k.created_at, k.expires_at, k.revoked_at
+           FROM tollgate.api_keys k LEFT JOIN tollgate.key_counters c ON c.key_id = k.id
+          GROUP BY k.id ORDER BY k.created_at",
+    )
+    .fetch_all(pool)
     .await
 }

@@ -196,8 +196,8 @@ async fn stream_into_rows(
     let (input_tokens, output_tokens) = usage.unwrap_or_else(|| {
         // The upstream reported no usage: charge our estimate rather than nothing.
         (
-            tokens::estimate_messages(&call.messages),
-            (batch.output_bytes as u32).div_ceil(4),
+            tokens::estimate(tokens::tokenizer_for(model), &call.messages).tokens,
+            tokens::bytes_to_tokens(batch.output_bytes),
         )
     });
     Ok(StreamEnd::Done {
