@@ -6,8 +6,8 @@
 //!
 //! 1. `BEGIN`
 //! 2. lock the key's counter row (`FOR UPDATE`) — this serialises every admission of the key, so
-//!    each check below sees every admission committed before it — and, in the same statement,
-//!    look up the `Idempotency-Key` (a hit returns the first job and changes nothing);
+//!    each check below sees every admission committed before it (with an `Idempotency-Key`, one
+//!    more statement looks it up; a hit returns the first job and changes nothing);
 //! 3. count the request and its estimated tokens in the key's one-minute window (only for keys
 //!    with rpm/tpm limits) and check them;
 //! 4. take the in-flight slot and the worst-case budget reservation, insert the job (`queued`) and
@@ -178,8 +178,6 @@ struct LockedKey {
     spent_micro_usd: i64,
     period_start: Option<DateTime<Utc>>,
     current_period: Option<DateTime<Utc>>,
-    idempotent_job: Option<Uuid>,
-    idempotent_hash: Option<Vec<u8>>,
 }
 
 /// A request and its tokens counted in a one-minute window.
@@ -271,17 +269,29 @@ impl Admission {
         let reserve = worst_case_cost(model, &request);
 
         let mut tx = self.pool.begin().await?;
-        let locked = lock_key(&mut tx, key.id, submission.idempotency_key).await?;
+        let locked = lock_key(&mut tx, key.id).await?;
         let locked = locked.ok_or(Rejection::InvalidKey)?; // revoked or expired meanwhile
-        if let Some(existing) = locked.idempotent_job {
-            if locked.idempotent_hash.as_deref() != Some(&request_hash[..]) {
-                return Err(Rejection::IdempotencyMismatch);
+        if let Some(idempotency_key) = submission.idempotency_key {
+            // A statement of its own, after the lock: in READ COMMITTED it sees every job
+            // committed by the admissions that held the lock before us (a join in the locking
+            // statement would read the other table from before the wait).
+            let first: Option<(Uuid, Option<Vec<u8>>)> = sqlx::query_as(
+                "SELECT id, request_hash FROM tollgate.jobs WHERE key_id = $1 AND idempotency_key = $2",
+            )
+            .bind(key.id)
+            .bind(idempotency_key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some((existing, hash)) = first {
+                if hash.as_deref() != Some(&request_hash[..]) {
+                    return Err(Rejection::IdempotencyMismatch);
+                }
+                drop(tx);
+                let job = jobs::get_for_key(&self.pool, JobId(existing), key.id)
+                    .await?
+                    .ok_or(Rejection::IdempotencyMismatch)?; // deleted between the two reads
+                return Ok(Admitted::Replayed(job));
             }
-            drop(tx);
-            let job = jobs::get_for_key(&self.pool, JobId(existing), key.id)
-                .await?
-                .ok_or(Rejection::IdempotencyMismatch)?; // deleted between the two reads
-            return Ok(Admitted::Replayed(job));
         }
 
         let tokens = estimate.tokens as i64;
@@ -385,12 +395,8 @@ impl Admission {
     }
 }
 
-/// Locks the key's counter row (if the key is still live) and looks up the Idempotency-Key.
-async fn lock_key(
-    tx: &mut PgConnection,
-    key_id: KeyId,
-    idempotency_key: Option<&str>,
-) -> Result<Option<LockedKey>, sqlx::Error> {
+/// Locks the key's counter row, if the key is still live.
+async fn lock_key(tx: &mut PgConnection, key_id: KeyId) -> Result<Option<LockedKey>, sqlx::Error> {
     sqlx::query_as(
         "SELECT k.id, k.name, k.rpm_limit, k.tpm_limit, k.max_in_flight, k.budget_micro_usd,
                 k.budget_period, k.allowed_models,
@@ -398,17 +404,14 @@ async fn lock_key(
                 CASE k.budget_period
                     WHEN 'daily' THEN date_trunc('day', now(), 'UTC')
                     WHEN 'monthly' THEN date_trunc('month', now(), 'UTC')
-                END AS current_period,
-                j.id AS idempotent_job, j.request_hash AS idempotent_hash
+                END AS current_period
            FROM tollgate.key_counters c
            JOIN tollgate.api_keys k ON k.id = c.key_id
-           LEFT JOIN tollgate.jobs j ON j.key_id = c.key_id AND j.idempotency_key = $2
           WHERE c.key_id = $1 AND c.slot = 0 AND k.revoked_at IS NULL
             AND (k.expires_at IS NULL OR k.expires_at > now())
             FOR UPDATE OF c",
     )
     .bind(key_id)
-    .bind(idempotency_key)
     .fetch_optional(tx)
     .await
 }

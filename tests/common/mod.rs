@@ -78,8 +78,13 @@ pub struct TestEnv {
 impl TestEnv {
     /// Starts the front only (no worker): published messages stay in the queue.
     pub async fn front_only(models: Vec<ModelConfig>) -> Self {
+        Self::front_with(isolated_config(models)).await
+    }
+
+    /// Starts the front only, with a configuration made by [`isolated_config`] and adjusted.
+    pub async fn front_with(config: Config) -> Self {
         init_logs();
-        let config = Arc::new(isolated_config(models));
+        let config = Arc::new(config);
         let pool = run::prepare_database(&config).await.expect("test database");
         let listener = run::bind(&config).await.expect("bind port 0");
         let addr = listener.local_addr().unwrap();
@@ -171,6 +176,52 @@ impl TestEnv {
         let headers = resp.headers().clone();
         let body = resp.json().await.expect("JSON body");
         (status, body, headers)
+    }
+
+    /// POST /v1/responses with extra headers; returns status, body and headers.
+    pub async fn submit_with_headers(
+        &self,
+        secret: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+        let mut req = self
+            .http
+            .post(self.url("/v1/responses"))
+            .bearer_auth(secret)
+            .json(body);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let resp = req.send().await.expect("front answers");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        (status, resp.json().await.expect("JSON body"), headers)
+    }
+
+    pub async fn post_empty(&self, secret: &str, path: &str) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(secret)
+            .send()
+            .await
+            .expect("front answers");
+        (resp.status(), resp.json().await.expect("JSON body"))
+    }
+
+    /// The summed counters of the key with this secret: (in_flight, reserved, spent).
+    pub async fn counters_of(&self, secret: &str) -> (i64, i64, i64) {
+        sqlx::query_as(
+            "SELECT sum(c.in_flight)::bigint, sum(c.reserved_micro_usd)::bigint,
+                    sum(c.spent_micro_usd)::bigint
+               FROM tollgate.key_counters c JOIN tollgate.api_keys k ON k.id = c.key_id
+              WHERE k.key_hash = $1",
+        )
+        .bind(keys::hash_secret(secret))
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
     }
 
     pub async fn submit(&self, secret: &str, body: Value) -> (StatusCode, Value) {
@@ -295,6 +346,15 @@ impl TestEnv {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Waits, if needed, so that at least `secs` seconds are left in the current UTC minute: tests
+/// of per-minute windows must not straddle two windows.
+pub async fn leave_room_in_minute(secs: u64) {
+    let into_minute = (chrono::Utc::now().timestamp() % 60) as u64;
+    if 60 - into_minute < secs {
+        tokio::time::sleep(Duration::from_secs(60 - into_minute + 1)).await;
     }
 }
 
