@@ -65,7 +65,10 @@ async fn a_thousand_concurrent_submissions_against_rpm_100_admit_exactly_100() {
         }
     }
     let snap = env.snapshot().await;
-    assert_eq!((snap.jobs, snap.outbox, snap.queue_depth), (100, 100, Some(100)));
+    assert_eq!(
+        (snap.jobs, snap.outbox, snap.queue_depth),
+        (100, 100, Some(100))
+    );
     assert_eq!(snap.rate_windows.iter().map(|w| w.2).sum::<i32>(), 100);
     let rejected: i64 = sqlx::query_scalar(
         "SELECT coalesce(sum(count), 0)::bigint FROM tollgate.rejections WHERE reason = 'key_rpm'",
@@ -107,17 +110,27 @@ async fn a_budget_that_fits_37_reservations_admits_exactly_37_of_200() {
     let mut env = Arc::try_unwrap(env_arc).ok().expect("sole owner");
     env.start_worker();
     for (_, created) in results.iter().filter(|(s, _)| *s == StatusCode::OK) {
-        let done = env.poll_until_done(&key, created["id"].as_str().unwrap()).await;
+        let done = env
+            .poll_until_done(&key, created["id"].as_str().unwrap())
+            .await;
         assert_eq!(done["status"], "completed");
     }
     let (in_flight, reserved, spent) = env.counters_of(&key).await;
-    eprintln!("after completion: spent {spent} of budget {} micro-USD", budget.0);
+    eprintln!(
+        "after completion: spent {spent} of budget {} micro-USD",
+        budget.0
+    );
     assert_eq!((in_flight, reserved), (0, 0));
-    assert!(spent > 0 && spent <= budget.0, "spent {spent} > budget {}", budget.0);
-    let charged: i64 = sqlx::query_scalar("SELECT sum(charged_micro_usd)::bigint FROM tollgate.jobs")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    assert!(
+        spent > 0 && spent <= budget.0,
+        "spent {spent} > budget {}",
+        budget.0
+    );
+    let charged: i64 =
+        sqlx::query_scalar("SELECT sum(charged_micro_usd)::bigint FROM tollgate.jobs")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
     assert_eq!(charged, spent);
 }
 
@@ -132,9 +145,7 @@ async fn in_flight_slots_are_exact_and_every_terminal_path_gives_them_back() {
         base_url: Some(upstream.base_url()),
         ..ModelConfig::mock("failing")
     };
-    let env = Arc::new(
-        TestEnv::front_only(vec![ModelConfig::mock("mock-1"), slow, failing]).await,
-    );
+    let env = Arc::new(TestEnv::front_only(vec![ModelConfig::mock("mock-1"), slow, failing]).await);
     let key = env
         .create_key(NewKey {
             name: "five".into(),
@@ -155,13 +166,20 @@ async fn in_flight_slots_are_exact_and_every_terminal_path_gives_them_back() {
 
     // Cancel path (queued): two cancelled before any worker runs. Cancelling again changes nothing.
     for id in &ids[..2] {
-        let (status, cancelled) = env.post_empty(&key, &format!("/v1/responses/{id}/cancel")).await;
+        let (status, cancelled) = env
+            .post_empty(&key, &format!("/v1/responses/{id}/cancel"))
+            .await;
         assert_eq!(status, StatusCode::OK, "{cancelled}");
         assert_eq!(cancelled["status"], "cancelled");
-        let (status, _) = env.post_empty(&key, &format!("/v1/responses/{id}/cancel")).await;
+        let (status, _) = env
+            .post_empty(&key, &format!("/v1/responses/{id}/cancel"))
+            .await;
         assert_eq!(status, StatusCode::OK);
     }
-    assert_eq!(env.counters_of(&key).await, (3, env.counters_of(&key).await.1, 0));
+    assert_eq!(
+        env.counters_of(&key).await,
+        (3, env.counters_of(&key).await.1, 0)
+    );
 
     // Completion path: a worker runs the other three (and skips the two cancelled messages).
     let mut env = Arc::try_unwrap(env).ok().expect("sole owner");
@@ -184,11 +202,19 @@ async fn in_flight_slots_are_exact_and_every_terminal_path_gives_them_back() {
         env.get(&key, &running).await.1["status"] == "in_progress"
     })
     .await;
-    let (status, cancelled) = env.post_empty(&key, &format!("/v1/responses/{running}/cancel")).await;
-    assert_eq!((status, cancelled["status"].as_str()), (StatusCode::OK, Some("cancelled")));
+    let (status, cancelled) = env
+        .post_empty(&key, &format!("/v1/responses/{running}/cancel"))
+        .await;
+    assert_eq!(
+        (status, cancelled["status"].as_str()),
+        (StatusCode::OK, Some("cancelled"))
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = env.get(&key, &running).await.1;
-    assert_eq!(after["status"], "cancelled", "the worker must not overwrite a cancel");
+    assert_eq!(
+        after["status"], "cancelled",
+        "the worker must not overwrite a cancel"
+    );
     assert_eq!(env.counters_of(&key).await, (0, 0, spent_after_completion));
 
     // A redelivered message for a finished job changes nothing.
@@ -199,13 +225,17 @@ async fn in_flight_slots_are_exact_and_every_terminal_path_gives_them_back() {
     );
     let publisher = tollgate::queue::Publisher::new(env.config.amqp.clone());
     publisher.publish(&message).await.unwrap();
-    env.wait_for(Duration::from_secs(10), || async { env.queue_depth().await == Some(0) })
-        .await;
+    env.wait_for(Duration::from_secs(10), || async {
+        env.queue_depth().await == Some(0)
+    })
+    .await;
     env.stop_worker().await;
     publisher.close().await;
     assert_eq!(env.counters_of(&key).await, (0, 0, spent_after_completion));
     // A completed job cannot be cancelled.
-    let (status, _) = env.post_empty(&key, &format!("/v1/responses/{finished}/cancel")).await;
+    let (status, _) = env
+        .post_empty(&key, &format!("/v1/responses/{finished}/cancel"))
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
@@ -257,7 +287,11 @@ async fn the_tpm_window_is_corrected_to_real_usage_when_the_job_finishes() {
         .await;
     leave_room_in_minute(15).await;
     let (status, created, headers) = env
-        .submit_with_headers(&key, &json!({"model": "gpt-4o-mini", "input": "hello world", "background": true}), &[])
+        .submit_with_headers(
+            &key,
+            &json!({"model": "gpt-4o-mini", "input": "hello world", "background": true}),
+            &[],
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{created}");
     // "hello world" is 2 tokens in o200k_base, plus 4 for the message and 3 to prime the reply.
@@ -275,8 +309,13 @@ async fn the_tpm_window_is_corrected_to_real_usage_when_the_job_finishes() {
     assert_eq!(headers["x-ratelimit-limit-tokens"], "100000");
     assert_eq!(headers["x-ratelimit-remaining-tokens"], "99991");
     env.start_worker();
-    env.poll_until_done(&key, created["id"].as_str().unwrap()).await;
-    assert_eq!(window().await, 3_000, "estimate replaced by real input + output");
+    env.poll_until_done(&key, created["id"].as_str().unwrap())
+        .await;
+    assert_eq!(
+        window().await,
+        3_000,
+        "estimate replaced by real input + output"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,7 +359,10 @@ async fn a_model_limit_is_shared_across_keys() {
         .find(|(s, _)| *s == StatusCode::TOO_MANY_REQUESTS)
         .unwrap();
     assert!(
-        rejection.1["error"]["message"].as_str().unwrap().contains("model rate limit"),
+        rejection.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("model rate limit"),
         "{}",
         rejection.1
     );
