@@ -195,3 +195,46 @@ async fn only_the_owning_key_reads_a_job() {
     let (status, _) = env.get(&owner, "resp_not-an-id").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_views_answer_from_real_jobs() {
+    let env = TestEnv::start(vec![ModelConfig::mock("mock-1")]).await;
+    let key = env.key().await;
+    let id = env.submit_ok(&key, "mock-1", "for the views").await;
+    env.poll_until_done(&key, &id).await;
+    let (status, _) = env
+        .submit(
+            &key,
+            json!({"model": "nope", "input": "x", "background": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (jobs, p50_run): (i64, f64) = sqlx::query_as(
+        "SELECT jobs, p50_run_ms FROM tollgate.jobs_by_status WHERE status = 'completed'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(jobs, 1);
+    assert!(p50_run >= 0.0);
+    let (cost, charged): (String, String) =
+        sqlx::query_as("SELECT cost_usd::text, charged_usd::text FROM tollgate.spend_by_key_day")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(cost, charged);
+    assert_ne!(cost, "0.000000");
+    let (in_flight, spent): (i64, String) =
+        sqlx::query_as("SELECT in_flight, spent_usd::text FROM tollgate.key_usage")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!((in_flight, spent), (0, cost));
+    let (reason, count): (String, i64) =
+        sqlx::query_as("SELECT reason, rejections::bigint FROM tollgate.rejections_by_reason")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!((reason.as_str(), count), ("unknown_model", 1));
+}
