@@ -92,6 +92,17 @@ pub struct AmqpConfig {
     pub dead_letter_queue: String,
     /// Quorum queue `x-delivery-limit`: a backstop against a message redelivered forever.
     pub delivery_limit: u32,
+    /// Name tollgate's connections carry in RabbitMQ (`-publisher` / `-worker` appended).
+    pub connection_name: String,
+    /// How long a publish may wait for RabbitMQ's confirm, in milliseconds.
+    pub publish_timeout_ms: u64,
+}
+
+impl AmqpConfig {
+    /// The delay queue a job waits in before attempt `level + 1` (`level` ≥ 1).
+    pub fn retry_queue(&self, level: u32) -> String {
+        format!("{}.retry.{level}", self.queue)
+    }
 }
 
 impl Default for AmqpConfig {
@@ -103,6 +114,8 @@ impl Default for AmqpConfig {
             dead_letter_exchange: "tollgate.dlx".into(),
             dead_letter_queue: "tollgate.jobs.dead".into(),
             delivery_limit: 20,
+            connection_name: "tollgate".into(),
+            publish_timeout_ms: 5000,
         }
     }
 }
@@ -143,8 +156,17 @@ pub struct WorkerConfig {
     pub flush_max_deltas: usize,
     /// ...or when its oldest delta is this old, whichever comes first.
     pub flush_interval_ms: u64,
-    /// How long a claimed job stays owned by its worker without a write (renewed on every flush).
+    /// How long a claimed job stays owned by its worker without a renewal. Renewed on every
+    /// flush and at least every third of it; a job whose lease lapsed is rescued by the sweeper.
     pub lease_seconds: u32,
+    /// Attempts a job gets before a retryable upstream failure fails it for good.
+    pub max_attempts: u32,
+    /// Backoff before attempt n+1: `retry_base_ms` × 2^(n-1), at most `retry_max_ms`, minus up to
+    /// 20% jitter.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// On SIGTERM, how long running jobs may take to finish before they are handed back.
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Default for WorkerConfig {
@@ -154,6 +176,10 @@ impl Default for WorkerConfig {
             flush_max_deltas: 64,
             flush_interval_ms: 50,
             lease_seconds: 30,
+            max_attempts: 4,
+            retry_base_ms: 1000,
+            retry_max_ms: 60_000,
+            shutdown_grace_seconds: 30,
         }
     }
 }
@@ -161,6 +187,16 @@ impl Default for WorkerConfig {
 impl WorkerConfig {
     pub fn flush_interval(&self) -> Duration {
         Duration::from_millis(self.flush_interval_ms)
+    }
+
+    /// The delay before the attempt after `level` failed attempts (without jitter).
+    pub fn retry_delay(&self, level: u32) -> Duration {
+        let factor = 1u64 << level.saturating_sub(1).min(30);
+        Duration::from_millis(
+            self.retry_base_ms
+                .saturating_mul(factor)
+                .min(self.retry_max_ms),
+        )
     }
 }
 
@@ -201,9 +237,16 @@ pub struct ModelConfig {
     /// Mock provider: pause before each delta, in milliseconds.
     #[serde(default)]
     pub mock_delay_ms: u64,
-    /// Upstream timeout for the whole call, in seconds.
+    /// Upstream timeout for the whole call, in seconds: a job past it ends `failed` (code
+    /// `job_timeout`), keeping the output it had.
     #[serde(default = "default_timeout_seconds")]
     pub timeout_seconds: u64,
+    /// Upstream connect timeout, in seconds (a retryable failure).
+    #[serde(default = "default_connect_timeout_seconds")]
+    pub connect_timeout_seconds: u64,
+    /// Longest wait for the first delta, in seconds (a retryable failure).
+    #[serde(default = "default_first_token_timeout_seconds")]
+    pub first_token_timeout_seconds: u64,
     /// Requests per minute across all keys (protects the upstream's own limit).
     pub rpm_limit: Option<u32>,
     /// Tokens per minute across all keys.
@@ -231,6 +274,12 @@ fn default_mock_deltas() -> u32 {
 fn default_timeout_seconds() -> u64 {
     600
 }
+fn default_connect_timeout_seconds() -> u64 {
+    10
+}
+fn default_first_token_timeout_seconds() -> u64 {
+    120
+}
 
 fn default_models() -> Vec<ModelConfig> {
     vec![ModelConfig::mock("mock-1")]
@@ -251,6 +300,8 @@ impl ModelConfig {
             mock_deltas: default_mock_deltas(),
             mock_delay_ms: 0,
             timeout_seconds: default_timeout_seconds(),
+            connect_timeout_seconds: default_connect_timeout_seconds(),
+            first_token_timeout_seconds: default_first_token_timeout_seconds(),
             rpm_limit: None,
             tpm_limit: None,
             tokenizer: None,
@@ -368,6 +419,11 @@ impl Config {
             regex::Regex::new(&deny.pattern).map_err(|e| {
                 ConfigError::Invalid(format!("guardrail {:?}: bad pattern: {e}", deny.name))
             })?;
+        }
+        if !(1..=10).contains(&self.worker.max_attempts) {
+            return Err(ConfigError::Invalid(
+                "worker.max_attempts must be 1 to 10".into(),
+            ));
         }
         if self.worker.concurrency == 0 {
             return Err(ConfigError::Invalid(

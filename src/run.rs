@@ -31,7 +31,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let publisher = Arc::new(Publisher::new(config.amqp.clone()));
+    let publisher = Arc::new(Publisher::new(config.clone()));
     if let Err(e) = publisher.channel().await {
         tracing::warn!(error = %e, "RabbitMQ is not reachable yet; jobs are admitted and published when it is");
     }
@@ -41,7 +41,7 @@ pub async fn serve(
         Duration::from_millis(config.server.relay_interval_ms),
         shutdown.clone(),
     ));
-    let sweeper = tokio::spawn(sweep_expired(
+    let sweeper = tokio::spawn(sweep(
         pool.clone(),
         config.server.queued_job_ttl_seconds,
         Duration::from_millis(config.server.sweep_interval_ms),
@@ -69,14 +69,17 @@ pub async fn serve(
     Ok(())
 }
 
-/// Expires jobs left `queued` past their time to live, until `shutdown`.
-async fn sweep_expired(
-    pool: PgPool,
-    ttl_seconds: u64,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
+/// Until `shutdown`: rescues jobs whose worker is gone (lease lapsed) and expires jobs left
+/// `queued` past their time to live.
+async fn sweep(pool: PgPool, ttl_seconds: u64, interval: Duration, shutdown: CancellationToken) {
     loop {
+        match jobs::rescue_lapsed_leases(&pool, 1.0).await {
+            Ok(rescued) if rescued.is_empty() => {}
+            Ok(rescued) => {
+                tracing::warn!(jobs = rescued.len(), "rescued jobs whose worker is gone")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not rescue lapsed jobs; will retry"),
+        }
         match jobs::expire_queued(&pool, ttl_seconds).await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(expired = n, "jobs expired in the queue"),

@@ -223,7 +223,7 @@ async fn in_flight_slots_are_exact_and_every_terminal_path_gives_them_back() {
         tollgate::ids::JobId::parse_public(&finished).unwrap(),
         "mock-1",
     );
-    let publisher = tollgate::queue::Publisher::new(env.config.amqp.clone());
+    let publisher = tollgate::queue::Publisher::new(env.config.clone());
     publisher.publish(&message).await.unwrap();
     env.wait_for(Duration::from_secs(10), || async {
         env.queue_depth().await == Some(0)

@@ -39,6 +39,38 @@ async fn publish_raw(env: &TestEnv, body: &[u8]) {
     conn.close(200, "done".into()).await.unwrap();
 }
 
+/// The `x-tollgate-reason` header of every message in the dead-letter queue (consumed).
+async fn dead_letter_reasons(env: &TestEnv) -> Vec<String> {
+    let conn = Connection::connect(&env.config.amqp.url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let mut reasons = Vec::new();
+    while let Some(message) = channel
+        .basic_get(
+            env.config.amqp.dead_letter_queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        let headers = message
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        let reason = headers
+            .inner()
+            .get(tollgate::queue::REASON_HEADER)
+            .and_then(|v| v.as_long_string().map(|s| s.to_string()))
+            .unwrap_or_default();
+        reasons.push(reason);
+    }
+    conn.close(200, "done".into()).await.unwrap();
+    reasons
+}
+
 /// (status, attempt, cost, number of event rows) of a job.
 async fn job_state(env: &TestEnv, id: &str) -> (String, i32, Option<i64>, i64) {
     let uuid = JobId::parse_public(id).unwrap().0;
@@ -128,6 +160,16 @@ async fn messages_the_worker_cannot_understand_are_dead_lettered() {
     })
     .await;
     assert_eq!(env.queue_depth().await, Some(0));
+    // Each dead letter says why.
+    let mut reasons = dead_letter_reasons(&env).await;
+    reasons.sort();
+    assert_eq!(reasons.len(), 3);
+    assert!(
+        reasons[0].starts_with("malformed job message"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].starts_with("no job resp_"), "{reasons:?}");
+    assert_eq!(reasons[2], "unknown message version 99");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,7 +177,10 @@ async fn a_job_handed_back_at_shutdown_runs_once_on_the_next_worker() {
     let mut slow = ModelConfig::mock("slow");
     slow.mock_deltas = 40;
     slow.mock_delay_ms = 50;
-    let mut env = TestEnv::start(vec![slow]).await;
+    let mut config = common::isolated_config(vec![slow]);
+    config.worker.shutdown_grace_seconds = 0;
+    let mut env = TestEnv::front_with(config).await;
+    env.start_worker();
     let key = env.key().await;
     let id = env.submit_ok(&key, "slow", "take your time").await;
     // Wait until it is streaming, then stop the worker mid-job.

@@ -4,12 +4,18 @@
 //! Topology (all durable, declared at start by every process, idempotently):
 //! - direct exchange `amqp.exchange` → quorum queue `amqp.queue`, routing key [`ROUTING_KEY`];
 //! - the queue dead-letters to fanout exchange `amqp.dead_letter_exchange` → quorum queue
-//!   `amqp.dead_letter_queue`, with `x-delivery-limit` as a backstop against endless redelivery.
+//!   `amqp.dead_letter_queue`, with `x-delivery-limit` as a backstop against endless redelivery;
+//!   a worker dead-letters a message it cannot process itself, adding the header
+//!   [`REASON_HEADER`];
+//! - delay queues `<queue>.retry.<n>` (classic, durable), one per retry level n = 1 …
+//!   `worker.max_attempts - 1`: a job whose attempt n failed retryably waits in level n (per-message
+//!   expiration, at most the level's `x-message-ttl`), then dead-letters back to the jobs exchange
+//!   with routing key [`ROUTING_KEY`].
 
 pub mod outbox;
 mod publisher;
 
-pub use publisher::{PublishError, Publisher};
+pub use publisher::{publish_on, publish_raw, Envelope, PublishError, Publisher};
 
 use lapin::{
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
@@ -18,10 +24,13 @@ use lapin::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{config::AmqpConfig, ids::JobId};
+use crate::{config::Config, ids::JobId};
 
 /// Routing key of job messages on the jobs exchange.
 pub const ROUTING_KEY: &str = "jobs";
+
+/// Header naming why a worker dead-lettered a message.
+pub const REASON_HEADER: &str = "x-tollgate-reason";
 
 /// Version of [`JobMessage`]'s body; a consumer dead-letters versions it does not know.
 pub const MESSAGE_VERSION: u32 = 1;
@@ -48,7 +57,8 @@ impl JobMessage {
 }
 
 /// Declares tollgate's exchanges and queues (idempotent: same names, same arguments).
-pub async fn declare_topology(channel: &Channel, config: &AmqpConfig) -> Result<(), lapin::Error> {
+pub async fn declare_topology(channel: &Channel, full: &Config) -> Result<(), lapin::Error> {
+    let config = &full.amqp;
     let durable_exchange = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -127,5 +137,28 @@ pub async fn declare_topology(channel: &Channel, config: &AmqpConfig) -> Result<
             FieldTable::default(),
         )
         .await?;
+
+    for level in 1..full.worker.max_attempts {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(config.exchange.as_str().into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(ROUTING_KEY.into()),
+        );
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(full.worker.retry_delay(level).as_millis() as i64),
+        );
+        channel
+            .queue_declare(
+                config.retry_queue(level).as_str().into(),
+                durable_queue,
+                args,
+            )
+            .await?;
+    }
     Ok(())
 }

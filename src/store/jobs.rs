@@ -301,3 +301,83 @@ pub async fn release_claim(pool: &PgPool, id: JobId, attempt: i32) -> Result<boo
     .rows_affected();
     Ok(released == 1)
 }
+
+/// Renews the lease of a running attempt. False when the attempt no longer owns the job.
+pub async fn renew_lease(
+    pool: &PgPool,
+    id: JobId,
+    attempt: i32,
+    lease_seconds: u32,
+) -> Result<bool, sqlx::Error> {
+    let renewed = sqlx::query(
+        "UPDATE tollgate.jobs SET lease_until = now() + make_interval(secs => $3)
+          WHERE id = $1 AND attempt = $2 AND status = 'in_progress'",
+    )
+    .bind(id)
+    .bind(attempt)
+    .bind(lease_seconds as f64)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(renewed == 1)
+}
+
+/// Puts a job whose attempt failed retryably back to `queued`, with the error kept for the record,
+/// to wait in a delay queue. False when the attempt no longer owns the job (e.g. cancelled).
+#[tracing::instrument(skip_all, fields(job_id = %id))]
+pub async fn requeue_for_retry(
+    pool: &PgPool,
+    id: JobId,
+    attempt: i32,
+    error: &Value,
+) -> Result<bool, sqlx::Error> {
+    let requeued = sqlx::query(
+        "UPDATE tollgate.jobs SET status = 'queued', lease_until = NULL, error = $3, updated_at = now()
+          WHERE id = $1 AND attempt = $2 AND status = 'in_progress'",
+    )
+    .bind(id)
+    .bind(attempt)
+    .bind(Json(error))
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(requeued == 1)
+}
+
+/// Rescues jobs whose worker is gone (lease lapsed): back to `queued` with a new outbox message,
+/// in one transaction, so the relay publishes them again and the next claim starts a new attempt.
+/// Returns the rescued jobs.
+pub async fn rescue_lapsed_leases(
+    pool: &PgPool,
+    grace_seconds: f64,
+) -> Result<Vec<JobId>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let rescued: Vec<(JobId, String)> = sqlx::query_as(
+        "UPDATE tollgate.jobs SET status = 'queued', lease_until = NULL, updated_at = now()
+          WHERE status = 'in_progress' AND lease_until < now() - make_interval(secs => $1)
+          RETURNING id, model",
+    )
+    .bind(grace_seconds)
+    .fetch_all(&mut *tx)
+    .await?;
+    if !rescued.is_empty() {
+        let ids: Vec<uuid::Uuid> = rescued.iter().map(|(id, _)| id.0).collect();
+        let payloads: Vec<Value> = rescued
+            .iter()
+            .map(|(id, model)| {
+                serde_json::to_value(crate::queue::JobMessage::new(*id, model))
+                    .expect("a job message serialises")
+            })
+            .collect();
+        sqlx::query(
+            "INSERT INTO tollgate.outbox (job_id, payload)
+             SELECT * FROM unnest($1::uuid[], $2::jsonb[])",
+        )
+        .bind(&ids)
+        .bind(&payloads)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(rescued.into_iter().map(|(id, _)| id).collect())
+}

@@ -1,31 +1,52 @@
 //! The worker: a RabbitMQ consumer that runs admitted jobs. It never runs admission.
 //!
+//! Delivery is at least once; effects in PostgreSQL are effectively once, because every write is
+//! a transition guarded by the job's status and attempt (see `store::jobs`).
+//!
 //! Error policy, in one place:
 //! - a message it cannot understand (not JSON, unknown schema version, not a job id, no such job)
-//!   is rejected without requeue, so the queue dead-letters it — never an endless loop;
+//!   is dead-lettered with the reason in the `x-tollgate-reason` header — never an endless loop;
 //! - a message for a finished job (a redelivery, a second publish) is acked and skipped;
 //! - a message for a job another worker is running waits until that worker's lease lapses, then
 //!   takes the job over (the other worker is gone) or finds it finished;
-//! - an upstream failure ends the job `failed` with the error stored;
+//! - a retryable upstream failure (connection, timeout before the first token, 429, 5xx) puts
+//!   the job back to `queued` and its message into the delay queue of that attempt, until
+//!   `worker.max_attempts`; then, or for any other upstream failure, the job ends `failed` with the
+//!   error stored;
+//! - a job cancelled while running is stopped at once (NOTIFY `tollgate_job_cancelled`; failing
+//!   that, at its next write or lease renewal);
 //! - a PostgreSQL failure hands the message back (nack + requeue) so the job runs again later;
-//! - on shutdown it stops taking messages and hands back those it has not finished.
+//! - on shutdown it stops taking messages, lets running jobs finish for
+//!   `worker.shutdown_grace_seconds`, then hands back the unfinished ones.
 
 mod job;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures::StreamExt;
 use lapin::{
     message::Delivery,
-    options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
-    types::FieldTable,
-    Connection, ConnectionProperties,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+        BasicQosOptions, ConfirmSelectOptions,
+    },
+    types::{AMQPValue, FieldTable},
+    Channel, Connection, ConnectionProperties,
 };
-use sqlx::PgPool;
+use rand::Rng;
+use sqlx::{postgres::PgListener, PgPool};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, queue};
+use crate::{
+    config::Config,
+    ids::JobId,
+    queue::{self, Envelope, JobMessage},
+};
 
 /// What to do with a delivery once it has been handled.
 #[derive(Debug, PartialEq)]
@@ -33,32 +54,57 @@ pub enum Disposition {
     Ack,
     /// Hand it back to the queue to be delivered again.
     Requeue,
-    /// Reject it to the dead-letter queue.
+    /// Send it to the dead-letter queue with this reason.
     DeadLetter(String),
+    /// The job is `queued` again: send its message through the delay queue of `level`.
+    RetryLater {
+        message: JobMessage,
+        level: u32,
+    },
 }
 
 #[derive(Clone)]
 pub struct Worker {
     pool: PgPool,
     config: Arc<Config>,
-    http: reqwest::Client,
+    /// One HTTP client per model, each with the model's connect timeout.
+    http: Arc<HashMap<String, reqwest::Client>>,
+    /// Running jobs, to stop when their cancellation is announced.
+    running: Arc<Mutex<HashMap<JobId, CancellationToken>>>,
 }
+
+/// Channel on which PostgreSQL announces cancelled running jobs.
+const CANCEL_CHANNEL: &str = "tollgate_job_cancelled";
 
 impl Worker {
     pub fn new(pool: PgPool, config: Arc<Config>) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .expect("the HTTP client builds");
-        Self { pool, config, http }
+        let http = config
+            .models
+            .iter()
+            .map(|m| {
+                let client = reqwest::Client::builder()
+                    .connect_timeout(Duration::from_secs(m.connect_timeout_seconds))
+                    .build()
+                    .expect("the HTTP client builds");
+                (m.name.clone(), client)
+            })
+            .collect();
+        Self {
+            pool,
+            config,
+            http: Arc::new(http),
+            running: Arc::default(),
+        }
     }
 
     /// Consumes jobs until `shutdown` is cancelled, reconnecting to RabbitMQ with backoff whenever
     /// the connection is lost.
     pub async fn run(self, shutdown: CancellationToken) {
+        let abort = CancellationToken::new();
+        let listener = tokio::spawn(self.clone().listen_for_cancels(shutdown.clone()));
         let mut backoff = Duration::from_millis(200);
         while !shutdown.is_cancelled() {
-            match self.consume(&shutdown).await {
+            match self.consume(&shutdown, &abort).await {
                 Ok(()) => backoff = Duration::from_millis(200),
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "worker lost RabbitMQ; reconnecting");
@@ -70,19 +116,30 @@ impl Worker {
                 }
             }
         }
+        listener.abort();
     }
 
-    /// One connection's worth of consuming. Returns when the consumer ends (connection lost) or on
-    /// shutdown, after the jobs it started are finished or handed back.
-    async fn consume(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    /// One connection's worth of consuming. Returns on shutdown, after running jobs finished or
+    /// were handed back, or with an error when the connection is lost (running jobs then go on
+    /// and finish on their own; their messages are redelivered and skipped).
+    async fn consume(
+        &self,
+        shutdown: &CancellationToken,
+        abort: &CancellationToken,
+    ) -> anyhow::Result<()> {
         let amqp = &self.config.amqp;
         let conn = Connection::connect(
             &amqp.url,
-            ConnectionProperties::default().with_connection_name("tollgate-worker".into()),
+            ConnectionProperties::default()
+                .with_connection_name(format!("{}-worker", amqp.connection_name).into()),
         )
         .await?;
         let channel = conn.create_channel().await?;
-        queue::declare_topology(&channel, amqp).await?;
+        queue::declare_topology(&channel, &self.config).await?;
+        let publish = conn.create_channel().await?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         channel
             .basic_qos(self.config.worker.concurrency, BasicQosOptions::default())
             .await?;
@@ -100,72 +157,197 @@ impl Worker {
         let outcome = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
-                Some(done) = running.join_next(), if !running.is_empty() => {
-                    if let Err(e) = done {
-                        tracing::error!(error = %e, "job task panicked");
-                    }
-                }
+                Some(done) = running.join_next(), if !running.is_empty() => log_panic(done),
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
-                        let worker = self.clone();
-                        let stop = shutdown.clone();
-                        running.spawn(async move { worker.handle(delivery, stop).await });
+                        let (worker, publish, abort) = (self.clone(), publish.clone(), abort.clone());
+                        running.spawn(async move { worker.handle(delivery, &publish, &abort).await });
                     }
-                    None => break Err(anyhow::anyhow!("the RabbitMQ consumer ended")),
                     Some(Err(e)) => break Err(e.into()),
+                    None => break Err(anyhow::anyhow!("the RabbitMQ consumer ended")),
                 }
             }
         };
-        // Jobs in hand finish (or, on shutdown, hand their message back) before we go.
-        while let Some(done) = running.join_next().await {
-            if let Err(e) = done {
-                tracing::error!(error = %e, "job task panicked");
+        if outcome.is_err() {
+            running.detach_all();
+            return outcome;
+        }
+        // Shutdown: take no more messages, give running jobs their grace period.
+        let _ = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await;
+        let grace = Duration::from_secs(self.config.worker.shutdown_grace_seconds);
+        if !running.is_empty() {
+            tracing::info!(
+                jobs = running.len(),
+                ?grace,
+                "waiting for running jobs to finish"
+            );
+        }
+        let drain = async {
+            while let Some(done) = running.join_next().await {
+                log_panic(done);
+            }
+        };
+        if tokio::time::timeout(grace, drain).await.is_err() {
+            tracing::warn!("grace period over; handing back unfinished jobs");
+            abort.cancel();
+            while let Some(done) = running.join_next().await {
+                log_panic(done);
             }
         }
         let _ = conn.close(200, "worker stopping".into()).await;
-        outcome
+        Ok(())
     }
 
-    async fn handle(&self, delivery: Delivery, shutdown: CancellationToken) {
-        let disposition = self.process(&delivery.data, &shutdown).await;
-        let result = match &disposition {
+    async fn handle(&self, delivery: Delivery, publish: &Channel, abort: &CancellationToken) {
+        let disposition = self.process(&delivery.data, abort).await;
+        let timeout = Duration::from_millis(self.config.amqp.publish_timeout_ms);
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        };
+        let result = match disposition {
             Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
-            Disposition::Requeue => {
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await
+            Disposition::Requeue => delivery.nack(requeue).await,
+            Disposition::RetryLater { message, level } => {
+                let delay = self.config.worker.retry_delay(level).as_millis() as u64;
+                let jittered = delay - rand::rng().random_range(0..=delay / 5);
+                let queue_name = self.config.amqp.retry_queue(level);
+                let envelope = Envelope {
+                    exchange: "",
+                    routing_key: &queue_name,
+                    expiration_ms: Some(jittered),
+                    headers: None,
+                };
+                match queue::publish_on(publish, &message, envelope, timeout).await {
+                    Ok(()) => {
+                        tracing::info!(job_id = %message.job_id, level, delay_ms = jittered, "retry scheduled");
+                        delivery.ack(BasicAckOptions::default()).await
+                    }
+                    Err(e) => {
+                        // The job is queued; an immediate redelivery runs it without the delay.
+                        tracing::warn!(error = %e, "could not schedule the retry; requeueing now");
+                        delivery.nack(requeue).await
+                    }
+                }
             }
             Disposition::DeadLetter(reason) => {
                 tracing::error!(%reason, "message dead-lettered");
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: false,
-                        ..Default::default()
-                    })
-                    .await
+                let mut headers = FieldTable::default();
+                headers.insert(
+                    queue::REASON_HEADER.into(),
+                    AMQPValue::LongString(reason.as_str().into()),
+                );
+                let envelope = Envelope {
+                    exchange: &self.config.amqp.dead_letter_exchange,
+                    routing_key: "",
+                    expiration_ms: None,
+                    headers: Some(headers),
+                };
+                let id = delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                match queue::publish_raw(publish, &delivery.data, &id, envelope, timeout).await {
+                    Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+                    // RabbitMQ's own dead-lettering, without our reason header.
+                    Err(_) => delivery.nack(BasicNackOptions::default()).await,
+                }
             }
         };
         if let Err(e) = result {
             // The channel is gone; RabbitMQ redelivers the message to the next consumer.
-            tracing::warn!(error = %e, ?disposition, "could not settle delivery");
+            tracing::warn!(error = %e, "could not settle delivery");
         }
     }
 
     /// Decides a delivery's fate: parses the message and runs its job.
-    pub async fn process(&self, body: &[u8], shutdown: &CancellationToken) -> Disposition {
-        let message: queue::JobMessage = match serde_json::from_slice(body) {
+    pub async fn process(&self, body: &[u8], abort: &CancellationToken) -> Disposition {
+        let message: JobMessage = match serde_json::from_slice(body) {
             Ok(m) => m,
             Err(e) => return Disposition::DeadLetter(format!("malformed job message: {e}")),
         };
         if message.v != queue::MESSAGE_VERSION {
             return Disposition::DeadLetter(format!("unknown message version {}", message.v));
         }
-        let Some(job_id) = crate::ids::JobId::parse_public(&message.job_id) else {
+        let Some(job_id) = JobId::parse_public(&message.job_id) else {
             return Disposition::DeadLetter(format!("not a job id: {:?}", message.job_id));
         };
-        job::run(self, job_id, shutdown).await
+        job::run(self, job_id, abort).await
+    }
+
+    /// Registers a running job; the token is cancelled if the job is cancelled meanwhile.
+    fn track(&self, id: JobId) -> Tracked {
+        let token = CancellationToken::new();
+        self.running
+            .lock()
+            .expect("running-jobs lock")
+            .insert(id, token.clone());
+        Tracked {
+            worker: self.clone(),
+            id,
+            token,
+        }
+    }
+
+    /// Stops running jobs whose cancellation PostgreSQL announces. If the listener is down, jobs
+    /// still notice at their next write or lease renewal.
+    async fn listen_for_cancels(self, shutdown: CancellationToken) {
+        loop {
+            let listened = self.listen_once();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = listened => if let Err(e) = result {
+                    tracing::warn!(error = %e, "cancel listener lost PostgreSQL; reconnecting");
+                },
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+impl Worker {
+    async fn listen_once(&self) -> Result<(), sqlx::Error> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(CANCEL_CHANNEL).await?;
+        loop {
+            let notification = listener.recv().await?;
+            let Ok(uuid) = uuid::Uuid::parse_str(notification.payload()) else {
+                continue;
+            };
+            let running = self.running.lock().expect("running-jobs lock");
+            if let Some(token) = running.get(&JobId(uuid)) {
+                token.cancel();
+            }
+        }
+    }
+}
+
+/// A job registered as running; unregistered when dropped.
+struct Tracked {
+    worker: Worker,
+    id: JobId,
+    token: CancellationToken,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.worker
+            .running
+            .lock()
+            .expect("running-jobs lock")
+            .remove(&self.id);
+    }
+}
+
+fn log_panic(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        tracing::error!(error = %e, "job task panicked");
     }
 }

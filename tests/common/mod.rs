@@ -55,6 +55,8 @@ pub fn isolated_config(models: Vec<ModelConfig>) -> Config {
             dead_letter_exchange: format!("tg-test-{tag}.dlx"),
             dead_letter_queue: format!("tg-test-{tag}.dead"),
             delivery_limit: 20,
+            connection_name: format!("tg-test-{tag}"),
+            publish_timeout_ms: 5000,
         },
         models,
         ..Config::default()
@@ -381,6 +383,9 @@ impl Drop for TestEnv {
         }
         let db_url = self.config.database.url.clone();
         let amqp = self.config.amqp.clone();
+        let retry_queues: Vec<String> = (1..self.config.worker.max_attempts)
+            .map(|level| amqp.retry_queue(level))
+            .collect();
         // Clean up on a thread of its own: Drop cannot await, and the test's runtime may be
         // shutting down.
         std::thread::spawn(move || {
@@ -400,7 +405,10 @@ impl Drop for TestEnv {
                     Connection::connect(&amqp.url, ConnectionProperties::default()).await
                 {
                     if let Ok(ch) = conn.create_channel().await {
-                        for q in [&amqp.queue, &amqp.dead_letter_queue] {
+                        for q in [&amqp.queue, &amqp.dead_letter_queue]
+                            .into_iter()
+                            .chain(&retry_queues)
+                        {
                             let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
                         }
                         for x in [&amqp.exchange, &amqp.dead_letter_exchange] {

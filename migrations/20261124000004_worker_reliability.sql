@@ -1,0 +1,17 @@
+-- Worker reliability: a running job's worker hears of its cancellation at once (NOTIFY on channel
+-- `tollgate_job_cancelled`, payload = the job's uuid), and the lease sweeper finds expired leases
+-- through an index instead of a scan.
+
+CREATE FUNCTION tollgate.notify_cancelled() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('tollgate_job_cancelled', NEW.id::text);
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER jobs_notify_cancelled
+    AFTER UPDATE OF status ON tollgate.jobs
+    FOR EACH ROW
+    WHEN (OLD.status = 'in_progress' AND NEW.status = 'cancelled')
+    EXECUTE FUNCTION tollgate.notify_cancelled();
+
+CREATE INDEX jobs_leases ON tollgate.jobs (lease_until) WHERE status = 'in_progress';
