@@ -5,11 +5,11 @@
 
 use std::{collections::HashMap, path::Path, time::Duration};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::money::MicroUsd;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -28,7 +28,7 @@ pub struct Config {
 
 /// Checks run on a request's input before admission takes anything. A request a guardrail refuses
 /// gets a 400 naming the guardrail.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GuardrailsConfig {
     /// Largest input accepted (instructions + input text), in bytes.
@@ -39,7 +39,7 @@ pub struct GuardrailsConfig {
     pub webhooks: Vec<WebhookGuardrail>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DenyPattern {
     pub name: String,
@@ -47,7 +47,7 @@ pub struct DenyPattern {
     pub pattern: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookGuardrail {
     pub name: String,
@@ -63,7 +63,7 @@ fn default_webhook_timeout_ms() -> u64 {
     2000
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     pub url: String,
@@ -79,7 +79,7 @@ impl Default for DatabaseConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
     pub url: String,
@@ -120,7 +120,7 @@ impl Default for AmqpConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: String,
@@ -128,6 +128,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How often the outbox relay looks for messages that were not confirmed, in milliseconds.
     pub relay_interval_ms: u64,
+    /// The relay leaves an outbox row this young to the front's own publish, in milliseconds.
+    pub relay_grace_ms: u64,
     /// A job still `queued` this long after admission expires (`failed`, code `expired`) and gives
     /// back its slot and reservation.
     pub queued_job_ttl_seconds: u64,
@@ -141,13 +143,14 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 1024 * 1024,
             relay_interval_ms: 1000,
+            relay_grace_ms: 5000,
             queued_job_ttl_seconds: 86_400,
             sweep_interval_ms: 5000,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     /// Jobs one worker runs at once (also the RabbitMQ prefetch).
@@ -200,7 +203,7 @@ impl WorkerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum ProviderKind {
     /// Deterministic streamed text; needs no network and no key.
@@ -209,7 +212,7 @@ pub enum ProviderKind {
     Openai,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// The name clients send in `model`.
@@ -256,7 +259,7 @@ pub struct ModelConfig {
     pub tokenizer: Option<TokenizerKind>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum TokenizerKind {
     O200kBase,

@@ -39,6 +39,7 @@ pub async fn serve(
         pool.clone(),
         publisher.clone(),
         Duration::from_millis(config.server.relay_interval_ms),
+        Duration::from_millis(config.server.relay_grace_ms),
         shutdown.clone(),
     ));
     let sweeper = tokio::spawn(sweep(

@@ -12,8 +12,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{JobMessage, Publisher};
 
-/// A row younger than this is left to the front's own fast path.
-const RELAY_GRACE_SECONDS: f64 = 5.0;
 /// Rows published per relay transaction.
 const RELAY_BATCH: i64 = 100;
 
@@ -26,9 +24,14 @@ pub async fn mark_sent(pool: &PgPool, outbox_id: i64) -> Result<(), sqlx::Error>
     Ok(())
 }
 
-/// Publishes one batch of unsent rows older than the grace period. Rows are locked with
-/// `SKIP LOCKED`, so several fronts can relay side by side. Returns how many were published.
-pub async fn relay_once(pool: &PgPool, publisher: &Publisher) -> Result<usize, anyhow::Error> {
+/// Publishes one batch of unsent rows older than `grace` (younger ones are left to the front's
+/// own publish). Rows are locked with `SKIP LOCKED`, so several fronts can relay side by side.
+/// Returns how many were published.
+pub async fn relay_once(
+    pool: &PgPool,
+    publisher: &Publisher,
+    grace: Duration,
+) -> Result<usize, anyhow::Error> {
     let mut tx = pool.begin().await?;
     let rows: Vec<(i64, Json<Value>)> = sqlx::query_as(
         "SELECT id, payload FROM tollgate.outbox
@@ -36,7 +39,7 @@ pub async fn relay_once(pool: &PgPool, publisher: &Publisher) -> Result<usize, a
           ORDER BY id LIMIT $2
           FOR UPDATE SKIP LOCKED",
     )
-    .bind(RELAY_GRACE_SECONDS)
+    .bind(grace.as_secs_f64())
     .bind(RELAY_BATCH)
     .fetch_all(&mut *tx)
     .await?;
@@ -77,10 +80,11 @@ pub async fn run_relay(
     pool: PgPool,
     publisher: Arc<Publisher>,
     interval: Duration,
+    grace: Duration,
     shutdown: CancellationToken,
 ) {
     loop {
-        match relay_once(&pool, &publisher).await {
+        match relay_once(&pool, &publisher, grace).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(published = n, "outbox relay published unsent jobs"),
             Err(e) => tracing::warn!(error = %e, "outbox relay could not publish; will retry"),

@@ -30,6 +30,11 @@ pub enum Script {
     },
     /// Answers with this HTTP status and an OpenAI error body.
     Status(u16),
+    /// Streams `deltas` deltas ("w0 ", "w1 ", …), one every `delay_ms`, then usage and `[DONE]`.
+    /// Notes when the client goes away before the end.
+    Slow { deltas: usize, delay_ms: u64 },
+    /// The n-th call gets the n-th script; calls past the end get the last one.
+    Sequence(Vec<Script>),
 }
 
 #[derive(Clone)]
@@ -37,12 +42,34 @@ struct Shared {
     script: Script,
     calls: Arc<AtomicUsize>,
     bodies: Arc<Mutex<Vec<Value>>>,
+    hangups: Arc<Mutex<Vec<std::time::Instant>>>,
 }
 
 pub struct FakeUpstream {
     pub addr: SocketAddr,
     calls: Arc<AtomicUsize>,
     bodies: Arc<Mutex<Vec<Value>>>,
+    hangups: Arc<Mutex<Vec<std::time::Instant>>>,
+}
+
+/// Notes the time its stream was dropped, unless it ran to the end.
+struct HangupGuard {
+    finished: bool,
+    hangups: Arc<Mutex<Vec<std::time::Instant>>>,
+}
+
+impl HangupGuard {
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for HangupGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.hangups.lock().unwrap().push(std::time::Instant::now());
+        }
+    }
 }
 
 impl FakeUpstream {
@@ -51,6 +78,7 @@ impl FakeUpstream {
             script,
             calls: Arc::new(AtomicUsize::new(0)),
             bodies: Arc::new(Mutex::new(Vec::new())),
+            hangups: Arc::default(),
         };
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
@@ -62,7 +90,13 @@ impl FakeUpstream {
             addr,
             calls: shared.calls,
             bodies: shared.bodies,
+            hangups: shared.hangups,
         }
+    }
+
+    /// When clients went away before the end of a slow stream.
+    pub fn hangups(&self) -> Vec<std::time::Instant> {
+        self.hangups.lock().unwrap().clone()
     }
 
     pub fn base_url(&self) -> String {
@@ -79,9 +113,25 @@ impl FakeUpstream {
 }
 
 async fn chat(State(shared): State<Shared>, Json(body): Json<Value>) -> Response {
-    shared.calls.fetch_add(1, Ordering::SeqCst);
+    let call = shared.calls.fetch_add(1, Ordering::SeqCst);
     shared.bodies.lock().unwrap().push(body);
-    match shared.script {
+    let mut script = shared.script.clone();
+    while let Script::Sequence(scripts) = script {
+        script = scripts[call.min(scripts.len() - 1)].clone();
+    }
+    match script {
+        Script::Sequence(_) => unreachable!(),
+        Script::Slow { deltas, delay_ms } => {
+            let guard = HangupGuard {
+                finished: false,
+                hangups: shared.hangups.clone(),
+            };
+            let stream = slow_stream(deltas, delay_ms, guard);
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Body::from_stream(stream))
+                .unwrap()
+        }
         Script::Status(code) => (
             StatusCode::from_u16(code).unwrap(),
             Json(json!({"error": {"message": format!("scripted {code}"), "type": "server_error"}})),
@@ -115,4 +165,29 @@ async fn chat(State(shared): State<Shared>, Json(body): Json<Value>) -> Response
                 .unwrap()
         }
     }
+}
+
+/// The events of a slow stream, one every `delay_ms`. The guard travels in the stream's state:
+/// dropped early (the client went away), it notes the hangup.
+fn slow_stream(
+    deltas: usize,
+    delay_ms: u64,
+    guard: HangupGuard,
+) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send {
+    futures::stream::unfold((0usize, guard), move |(i, guard)| async move {
+        if i > deltas {
+            guard.finish();
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+        let text = if i == deltas {
+            let usage =
+                json!({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": deltas}});
+            format!("data: {usage}\n\ndata: [DONE]\n\n")
+        } else {
+            let chunk = json!({"choices": [{"index": 0, "delta": {"content": format!("w{i} ")}}]});
+            format!("data: {chunk}\n\n")
+        };
+        Some((Ok(text.into_bytes()), (i + 1, guard)))
+    })
 }

@@ -1,0 +1,452 @@
+//! Faults injected into real PostgreSQL, RabbitMQ, upstreams and worker processes: a committed
+//! job always reaches one terminal state, is written once and counted once.
+
+mod common;
+
+use std::{process::Stdio, time::Duration};
+
+use sqlx::Connection as _;
+
+use common::{
+    isolated_config,
+    upstream::{FakeUpstream, Script},
+    TestEnv,
+};
+use reqwest::StatusCode;
+use tollgate::{
+    config::{Config, ModelConfig, ProviderKind},
+    queue::{outbox, PublishError, Publisher},
+};
+
+fn openai(name: &str, upstream: &FakeUpstream) -> ModelConfig {
+    ModelConfig {
+        provider: ProviderKind::Openai,
+        base_url: Some(upstream.base_url()),
+        ..ModelConfig::mock(name)
+    }
+}
+
+/// Fast retries and leases, so faults heal within seconds.
+fn fault_config(models: Vec<ModelConfig>) -> Config {
+    let mut config = isolated_config(models);
+    config.worker.retry_base_ms = 100;
+    config.worker.lease_seconds = 2;
+    config.server.sweep_interval_ms = 200;
+    config.server.relay_interval_ms = 100;
+    config.server.relay_grace_ms = 500;
+    config
+}
+
+/// A job's state: (status, attempt, output_text, cost, charged).
+type JobState = (String, i32, String, Option<i64>, Option<i64>);
+
+async fn jobs(env: &TestEnv) -> Vec<JobState> {
+    sqlx::query_as(
+        "SELECT status::text, attempt, output_text, cost_micro_usd, charged_micro_usd
+           FROM tollgate.jobs ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
+/// Counters summed over all keys: (in_flight, reserved, spent).
+async fn totals(env: &TestEnv) -> (i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT sum(in_flight)::bigint, sum(reserved_micro_usd)::bigint, sum(spent_micro_usd)::bigint
+           FROM tollgate.key_counters",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
+
+/// Asserts every job completed with the full expected text, and each was charged exactly once.
+async fn assert_all_completed_once(env: &TestEnv, expected_text: &str, expected_jobs: usize) {
+    let rows = jobs(env).await;
+    assert_eq!(rows.len(), expected_jobs);
+    let mut charged_total = 0;
+    for (status, attempt, text, cost, charged) in &rows {
+        assert_eq!(status, "completed", "attempt {attempt}");
+        assert_eq!(
+            text, expected_text,
+            "one complete output, nothing of another attempt"
+        );
+        assert_eq!(cost, charged, "mock jobs cost less than their reservation");
+        charged_total += charged.unwrap();
+    }
+    assert_eq!(
+        totals(env).await,
+        (0, 0, charged_total),
+        "slots, reservations, spend: once each"
+    );
+}
+
+fn attempts_histogram(rows: &[JobState]) -> Vec<(i32, usize)> {
+    let mut h = std::collections::BTreeMap::new();
+    for (_, attempt, ..) in rows {
+        *h.entry(*attempt).or_insert(0) += 1;
+    }
+    h.into_iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_failing_twice_then_answering_completes_on_attempt_3() {
+    let upstream = FakeUpstream::start(Script::Sequence(vec![
+        Script::Status(500),
+        Script::Status(503),
+        Script::Stream {
+            deltas: vec!["fine".into()],
+            prompt_tokens: 3,
+            completion_tokens: 1,
+        },
+    ]))
+    .await;
+    let mut env = TestEnv::front_with(fault_config(vec![openai("flaky", &upstream)])).await;
+    env.start_worker();
+    let key = env.key().await;
+    let id = env.submit_ok(&key, "flaky", "hi").await;
+    let done = env.poll_until_done(&key, &id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["output"][0]["content"][0]["text"], "fine");
+    assert_eq!(upstream.calls(), 3);
+    let rows = jobs(&env).await;
+    assert_eq!(rows[0].1, 3, "completed on attempt 3");
+    assert_eq!(totals(&env).await, (0, 0, rows[0].4.unwrap()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stop_at_max_attempts_with_the_last_error_stored() {
+    let upstream = FakeUpstream::start(Script::Status(502)).await;
+    let mut config = fault_config(vec![openai("down", &upstream)]);
+    config.worker.max_attempts = 3;
+    let mut env = TestEnv::front_with(config).await;
+    env.start_worker();
+    let key = env.key().await;
+    let id = env.submit_ok(&key, "down", "hi").await;
+    let done = env.poll_until_done(&key, &id).await;
+    assert_eq!(done["status"], "failed");
+    assert_eq!(done["error"]["code"], "upstream_http_error");
+    assert!(done["error"]["message"].as_str().unwrap().contains("502"));
+    assert_eq!(upstream.calls(), 3);
+    assert_eq!(totals(&env).await, (0, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_client_error_fails_at_once() {
+    let upstream = FakeUpstream::start(Script::Status(400)).await;
+    let mut env = TestEnv::front_with(fault_config(vec![openai("strict", &upstream)])).await;
+    env.start_worker();
+    let key = env.key().await;
+    let id = env.submit_ok(&key, "strict", "hi").await;
+    let done = env.poll_until_done(&key, &id).await;
+    assert_eq!(done["status"], "failed");
+    assert_eq!(upstream.calls(), 1, "no retry of a 4xx");
+    assert_eq!(jobs(&env).await[0].1, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_is_stopped_within_a_second_of_its_cancel() {
+    let upstream = FakeUpstream::start(Script::Slow {
+        deltas: 500,
+        delay_ms: 20,
+    })
+    .await;
+    let mut env = TestEnv::front_with(fault_config(vec![openai("slow", &upstream)])).await;
+    env.start_worker();
+    let key = env.key().await;
+    let id = env.submit_ok(&key, "slow", "go on").await;
+    env.wait_for(Duration::from_secs(10), || async {
+        let body = env.get(&key, &id).await.1;
+        body["status"] == "in_progress" && !body["output"].as_array().unwrap().is_empty()
+    })
+    .await;
+    let cancelled_at = std::time::Instant::now();
+    let (status, body) = env
+        .post_empty(&key, &format!("/v1/responses/{id}/cancel"))
+        .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("cancelled"))
+    );
+    env.wait_for(Duration::from_secs(5), || async {
+        !upstream.hangups().is_empty()
+    })
+    .await;
+    let stopped_after = upstream.hangups()[0] - cancelled_at;
+    eprintln!("upstream stream dropped {stopped_after:?} after the cancel");
+    assert!(stopped_after < Duration::from_secs(1), "{stopped_after:?}");
+    // The partial output is kept, and the slot came back once.
+    let after = env.get(&key, &id).await.1;
+    assert_eq!(after["status"], "cancelled");
+    let kept = after["output"][0]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(kept.starts_with("w0 "), "{after}");
+    assert_eq!(totals(&env).await, (0, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_survive_sigkill_of_their_worker_process() {
+    let mut slow = ModelConfig::mock("slow");
+    slow.mock_deltas = 20;
+    slow.mock_delay_ms = 100;
+    let config = fault_config(vec![slow]);
+    let mut env = TestEnv::front_with(config.clone()).await;
+    let key = env.key().await;
+
+    // The worker as a real child process, with the test's configuration.
+    let dir = std::env::temp_dir().join(format!("tollgate-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_path = dir.join("tollgate.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("worker")
+        .arg("--config")
+        .arg(&config_path)
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .kill_on_drop(true)
+        .spawn()
+        .expect("worker process starts");
+
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(env.submit_ok(&key, "slow", &format!("job {i}")).await);
+    }
+    // Kill it while jobs are streaming.
+    env.wait_for(Duration::from_secs(20), || async {
+        let streaming: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tollgate.jobs WHERE status = 'in_progress' AND output_text <> ''",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        streaming >= 10
+    })
+    .await;
+    child.kill().await.unwrap(); // SIGKILL
+    let killed_mid_stream: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tollgate.jobs WHERE status = 'in_progress'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+
+    env.start_worker();
+    for id in &ids {
+        env.poll_until_done(&key, id).await;
+    }
+    let expected: String = (0..20).map(tollgate::provider::mock_delta).collect();
+    assert_all_completed_once(&env, &expected, 20).await;
+    let rows = jobs(&env).await;
+    eprintln!(
+        "SIGKILL with {killed_mid_stream} jobs in progress: 20 admitted, 20 completed, attempts {:?}",
+        attempts_histogram(&rows)
+    );
+    assert!(rows.iter().any(|r| r.1 >= 2), "some job was taken over");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_finish_when_the_workers_postgres_connections_are_terminated() {
+    let mut slow = ModelConfig::mock("slow");
+    slow.mock_deltas = 30;
+    slow.mock_delay_ms = 50;
+    let mut env = TestEnv::front_with(fault_config(vec![slow])).await;
+    env.start_worker();
+    let key = env.key().await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(env.submit_ok(&key, "slow", &format!("job {i}")).await);
+    }
+    env.wait_for(Duration::from_secs(10), || async {
+        let streaming: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tollgate.jobs WHERE status = 'in_progress' AND output_text <> ''",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        streaming >= 5
+    })
+    .await;
+    let db = env
+        .config
+        .database
+        .url
+        .rsplit_once('/')
+        .unwrap()
+        .1
+        .to_string();
+    let mut admin = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres")
+        .await
+        .unwrap();
+    let terminated: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+    )
+    .bind(&db)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    eprintln!(
+        "terminated {} PostgreSQL connections mid-stream",
+        terminated.len()
+    );
+    assert!(!terminated.is_empty());
+    for id in &ids {
+        env.poll_until_done(&key, id).await;
+    }
+    let expected: String = (0..30).map(tollgate::provider::mock_delta).collect();
+    assert_all_completed_once(&env, &expected, 10).await;
+    eprintln!("attempts {:?}", attempts_histogram(&jobs(&env).await));
+}
+
+/// Closes this test's RabbitMQ connections (found by their connection name), as a broker
+/// restart would.
+fn close_rabbitmq_connections(tag: &str) -> usize {
+    let listing = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let text = String::from_utf8_lossy(&listing.stdout);
+    if !listing.status.success() {
+        eprintln!("rabbitmqctl: {}", String::from_utf8_lossy(&listing.stderr));
+    }
+    let mut closed = 0;
+    for line in text.lines().filter(|l| l.contains(tag)) {
+        let pid = line.split('\t').next().unwrap();
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "fault test"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        if status.success() {
+            closed += 1;
+        } else {
+            eprintln!("could not close {pid}");
+        }
+    }
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admitted_jobs_complete_when_rabbitmq_drops_every_connection_mid_burst() {
+    let mut fast = ModelConfig::mock("fast");
+    fast.mock_deltas = 5;
+    let config = fault_config(vec![fast]);
+    let tag = config.amqp.connection_name.clone();
+    let mut env = TestEnv::front_with(config).await;
+    env.start_worker();
+    let env = std::sync::Arc::new(env);
+    let key = env.key().await;
+    let submissions = {
+        let env = env.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..200 {
+                let (status, body) = env
+                    .submit(&key, serde_json::json!({"model": "fast", "input": format!("job {i}"), "background": true}))
+                    .await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                ids.push(body["id"].as_str().unwrap().to_string());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            ids
+        })
+    };
+    // Let some go through, then drop every connection of this tollgate (front and worker), twice.
+    env.wait_for(Duration::from_secs(20), || async {
+        env.snapshot().await.jobs >= 50
+    })
+    .await;
+    let first = tokio::task::spawn_blocking({
+        let tag = tag.clone();
+        move || close_rabbitmq_connections(&tag)
+    })
+    .await
+    .unwrap();
+    env.wait_for(Duration::from_secs(20), || async {
+        env.snapshot().await.jobs >= 120
+    })
+    .await;
+    let second = tokio::task::spawn_blocking(move || close_rabbitmq_connections(&tag))
+        .await
+        .unwrap();
+    let ids = submissions.await.unwrap();
+    eprintln!("closed {first} then {second} RabbitMQ connections during 200 submissions");
+    assert!(first + second >= 1);
+
+    for id in &ids {
+        env.poll_until_done(&key, id).await;
+    }
+    let expected: String = (0..5).map(tollgate::provider::mock_delta).collect();
+    assert_all_completed_once(&env, &expected, 200).await;
+    let unsent: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tollgate.outbox WHERE sent_at IS NULL")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(unsent, 0);
+    let rows = jobs(&env).await;
+    eprintln!(
+        "200 admitted, 200 completed, attempts {:?}",
+        attempts_histogram(&rows)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_rabbitmq_is_unreachable_the_front_admits_and_the_relay_publishes_later() {
+    let mut config = fault_config(vec![ModelConfig::mock("mock-1")]);
+    let reachable = config.amqp.url.clone();
+    config.amqp.url = "amqp://guest:guest@127.0.0.1:1/%2f".into(); // nothing listens there
+    let env = TestEnv::front_with(config.clone()).await;
+    let key = env.key().await;
+    for i in 0..5 {
+        env.submit_ok(&key, "mock-1", &format!("job {i}")).await;
+    }
+    let unsent = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM tollgate.outbox WHERE sent_at IS NULL")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(unsent().await, 5, "committed, not yet published");
+
+    // RabbitMQ is back: a relay (as in any front) publishes them.
+    config.amqp.url = reachable;
+    let publisher = Publisher::new(std::sync::Arc::new(config));
+    let published = outbox::relay_once(&env.pool, &publisher, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(published, 5);
+    assert_eq!(unsent().await, 0);
+    assert_eq!(env.queue_depth().await, Some(5));
+    publisher.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_message_is_a_failed_publish() {
+    let env = TestEnv::front_only(vec![ModelConfig::mock("mock-1")]).await;
+    let publisher = Publisher::new(env.config.clone());
+    let channel = publisher.channel().await.unwrap();
+    channel
+        .queue_unbind(
+            env.config.amqp.queue.as_str().into(),
+            env.config.amqp.exchange.as_str().into(),
+            tollgate::queue::ROUTING_KEY.into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let message = tollgate::queue::JobMessage::new(tollgate::ids::JobId::new(), "mock-1");
+    let result = publisher.publish(&message).await;
+    assert!(
+        matches!(result, Err(PublishError::Unroutable(_))),
+        "{result:?}"
+    );
+    publisher.close().await;
+}
