@@ -418,6 +418,15 @@ async fn while_rabbitmq_is_unreachable_the_front_admits_and_the_relay_publishes_
 
     // RabbitMQ is back: a relay (as in any front) publishes them.
     config.amqp.url = reachable;
+    // Readiness says so meanwhile.
+    let ready = env.http.get(env.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(
+        (body["postgres"].as_bool(), body["rabbitmq"].as_bool()),
+        (Some(true), Some(false))
+    );
+
     let publisher = Publisher::new(std::sync::Arc::new(config));
     let published = outbox::relay_once(&env.pool, &publisher, Duration::ZERO)
         .await
@@ -449,4 +458,80 @@ async fn an_unroutable_message_is_a_failed_publish() {
         "{result:?}"
     );
     publisher.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_total_timeout_fails_keeping_its_output() {
+    let upstream = FakeUpstream::start(Script::Slow {
+        deltas: 100,
+        delay_ms: 50,
+    })
+    .await;
+    let mut model = openai("slow", &upstream);
+    model.timeout_seconds = 1;
+    let mut env = TestEnv::front_with(fault_config(vec![model])).await;
+    env.start_worker();
+    let key = env.key().await;
+    let id = env.submit_ok(&key, "slow", "take long").await;
+    let done = env.poll_until_done(&key, &id).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "job_timeout");
+    let kept = done["output"][0]["content"][0]["text"].as_str().unwrap();
+    assert!(kept.starts_with("w0 w1 "), "{kept}");
+    assert_eq!(upstream.calls(), 1, "the total timeout is not retried");
+    assert_eq!(totals(&env).await, (0, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_running_jobs_finish_and_takes_no_new_ones() {
+    let mut slow = ModelConfig::mock("slow");
+    slow.mock_deltas = 20;
+    slow.mock_delay_ms = 100;
+    let mut config = fault_config(vec![slow]);
+    config.worker.concurrency = 2;
+    let env = TestEnv::front_with(config.clone()).await;
+    let key = env.key().await;
+    let dir = std::env::temp_dir().join(format!("tollgate-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_path = dir.join("tollgate.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("worker")
+        .arg("--config")
+        .arg(&config_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let first = env.submit_ok(&key, "slow", "one").await;
+    let second = env.submit_ok(&key, "slow", "two").await;
+    env.wait_for(Duration::from_secs(10), || async {
+        env.get(&key, &first).await.1["status"] == "in_progress"
+            && env.get(&key, &second).await.1["status"] == "in_progress"
+    })
+    .await;
+    let pid = child.id().unwrap().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    // Submitted after SIGTERM: must not be taken by the stopping worker.
+    let third = env.submit_ok(&key, "slow", "three").await;
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("the worker exits within its grace period")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    for id in [&first, &second] {
+        let job = env.get(&key, id).await.1;
+        assert_eq!(
+            job["status"], "completed",
+            "a running job finished before exit: {job}"
+        );
+    }
+    assert_eq!(env.get(&key, &third).await.1["status"], "queued");
+    assert_eq!(env.queue_depth().await, Some(1));
+    std::fs::remove_dir_all(dir).unwrap();
 }
