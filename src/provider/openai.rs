@@ -1,8 +1,6 @@
 //! OpenAI-compatible chat completions, streamed: `POST {base_url}/chat/completions` with
 //! `stream: true` and `stream_options.include_usage`, so the last chunk carries the usage.
 
-use std::time::Duration;
-
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -34,10 +32,10 @@ pub async fn stream(
     if let Some(p) = request.top_p {
         body["top_p"] = json!(p);
     }
-    let mut call = http
-        .post(&url)
-        .timeout(Duration::from_secs(model.timeout_seconds))
-        .json(&body);
+    // No request timeout here: the worker enforces the model's total and first-token deadlines
+    // itself, so that each ends the job the way it should (a total timeout is final, a slow first
+    // token is retried).
+    let mut call = http.post(&url).json(&body);
     if let Some(var) = &model.api_key_env {
         let key = std::env::var(var).map_err(|_| {
             ProviderError::Config(format!("environment variable {var} (API key) is not set"))
