@@ -50,6 +50,56 @@ async fn jobs(env: &TestEnv) -> Vec<JobState> {
     .unwrap()
 }
 
+/// Waits until at least `n` jobs are in progress with some output written.
+async fn wait_until_streaming(env: &TestEnv, n: i64) {
+    env.wait_for(Duration::from_secs(20), || async {
+        let streaming: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tollgate.jobs WHERE status = 'in_progress' AND output_text <> ''",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        streaming >= n
+    })
+    .await;
+}
+
+/// `tollgate worker` as a real child process, with the test's configuration in a file of its own.
+struct WorkerProcess {
+    process: tokio::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl WorkerProcess {
+    fn start(config: &Config) -> Self {
+        let dir = std::env::temp_dir().join(format!("tollgate-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config_path = dir.join("tollgate.toml");
+        std::fs::write(&config_path, toml::to_string(config).unwrap()).unwrap();
+        let logs = std::env::var_os("TEST_LOG").is_some();
+        let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("worker")
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(if logs {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .kill_on_drop(true)
+            .spawn()
+            .expect("worker process starts");
+        Self { process, dir }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Counters summed over all keys: (in_flight, reserved, spent).
 async fn totals(env: &TestEnv) -> (i64, i64, i64) {
     sqlx::query_as(
@@ -196,40 +246,15 @@ async fn jobs_survive_sigkill_of_their_worker_process() {
     let key = env.key().await;
 
     // The worker as a real child process, with the test's configuration.
-    let dir = std::env::temp_dir().join(format!("tollgate-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config_path = dir.join("tollgate.toml");
-    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .arg("worker")
-        .arg("--config")
-        .arg(&config_path)
-        .stdout(Stdio::null())
-        .stderr(if std::env::var_os("TEST_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .kill_on_drop(true)
-        .spawn()
-        .expect("worker process starts");
+    let mut child = WorkerProcess::start(&config);
 
     let mut ids = Vec::new();
     for i in 0..20 {
         ids.push(env.submit_ok(&key, "slow", &format!("job {i}")).await);
     }
     // Kill it while jobs are streaming.
-    env.wait_for(Duration::from_secs(20), || async {
-        let streaming: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM tollgate.jobs WHERE status = 'in_progress' AND output_text <> ''",
-        )
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-        streaming >= 10
-    })
-    .await;
-    child.kill().await.unwrap(); // SIGKILL
+    wait_until_streaming(&env, 10).await;
+    child.process.kill().await.unwrap(); // SIGKILL
     let killed_mid_stream: i64 =
         sqlx::query_scalar("SELECT count(*) FROM tollgate.jobs WHERE status = 'in_progress'")
             .fetch_one(&env.pool)
@@ -248,7 +273,6 @@ async fn jobs_survive_sigkill_of_their_worker_process() {
         attempts_histogram(&rows)
     );
     assert!(rows.iter().any(|r| r.1 >= 2), "some job was taken over");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,16 +287,7 @@ async fn jobs_finish_when_the_workers_postgres_connections_are_terminated() {
     for i in 0..10 {
         ids.push(env.submit_ok(&key, "slow", &format!("job {i}")).await);
     }
-    env.wait_for(Duration::from_secs(10), || async {
-        let streaming: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM tollgate.jobs WHERE status = 'in_progress' AND output_text <> ''",
-        )
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-        streaming >= 5
-    })
-    .await;
+    wait_until_streaming(&env, 5).await;
     let db = env
         .config
         .database
@@ -491,19 +506,7 @@ async fn sigterm_lets_running_jobs_finish_and_takes_no_new_ones() {
     config.worker.concurrency = 2;
     let env = TestEnv::front_with(config.clone()).await;
     let key = env.key().await;
-    let dir = std::env::temp_dir().join(format!("tollgate-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config_path = dir.join("tollgate.toml");
-    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .arg("worker")
-        .arg("--config")
-        .arg(&config_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = WorkerProcess::start(&config);
     let first = env.submit_ok(&key, "slow", "one").await;
     let second = env.submit_ok(&key, "slow", "two").await;
     env.wait_for(Duration::from_secs(10), || async {
@@ -511,7 +514,7 @@ async fn sigterm_lets_running_jobs_finish_and_takes_no_new_ones() {
             && env.get(&key, &second).await.1["status"] == "in_progress"
     })
     .await;
-    let pid = child.id().unwrap().to_string();
+    let pid = child.process.id().unwrap().to_string();
     let sent = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -519,7 +522,7 @@ async fn sigterm_lets_running_jobs_finish_and_takes_no_new_ones() {
     assert!(sent.success());
     // Submitted after SIGTERM: must not be taken by the stopping worker.
     let third = env.submit_ok(&key, "slow", "three").await;
-    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.process.wait())
         .await
         .expect("the worker exits within its grace period")
         .unwrap();
@@ -533,5 +536,4 @@ async fn sigterm_lets_running_jobs_finish_and_takes_no_new_ones() {
     }
     assert_eq!(env.get(&key, &third).await.1["status"], "queued");
     assert_eq!(env.queue_depth().await, Some(1));
-    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -43,6 +43,17 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<ApiKey, A
         .ok_or(Rejection::InvalidKey)?)
 }
 
+/// The caller's key and the job id of the path (404 for what is not a job id).
+async fn owned_id(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<(ApiKey, JobId), ApiError> {
+    let key = authenticate(state, headers).await?;
+    let job_id = JobId::parse_public(id).ok_or_else(|| ApiError::job_not_found(id))?;
+    Ok((key, job_id))
+}
+
 #[tracing::instrument(skip_all)]
 async fn create(
     State(state): State<AppState>,
@@ -142,8 +153,7 @@ async fn retrieve(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let key = authenticate(&state, &headers).await?;
-    let job_id = JobId::parse_public(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
+    let (key, job_id) = owned_id(&state, &headers, &id).await?;
     let job = jobs::get_for_key(&state.pool, job_id, key.id)
         .await?
         .ok_or_else(|| ApiError::job_not_found(&id))?;
@@ -158,8 +168,7 @@ async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let key = authenticate(&state, &headers).await?;
-    let job_id = JobId::parse_public(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
+    let (key, job_id) = owned_id(&state, &headers, &id).await?;
     match jobs::cancel(&state.pool, job_id, key.id).await? {
         Cancelled::Now(job) => {
             tracing::info!(job_id = %job.id, "cancelled");
