@@ -133,8 +133,10 @@ pub struct ServerConfig {
     /// A job still `queued` this long after admission expires (`failed`, code `expired`) and gives
     /// back its slot and reservation.
     pub queued_job_ttl_seconds: u64,
-    /// How often the front looks for expired jobs, in milliseconds.
+    /// How often the front rescues lapsed leases and expires queued jobs, in milliseconds.
     pub sweep_interval_ms: u64,
+    /// Finished jobs (with their events) are removed this many days after they finished.
+    pub retention_days: u32,
 }
 
 impl Default for ServerConfig {
@@ -146,6 +148,7 @@ impl Default for ServerConfig {
             relay_grace_ms: 5000,
             queued_job_ttl_seconds: 86_400,
             sweep_interval_ms: 5000,
+            retention_days: 30,
         }
     }
 }

@@ -42,12 +42,7 @@ pub async fn serve(
         Duration::from_millis(config.server.relay_grace_ms),
         shutdown.clone(),
     ));
-    let sweeper = tokio::spawn(sweep(
-        pool.clone(),
-        config.server.queued_job_ttl_seconds,
-        Duration::from_millis(config.server.sweep_interval_ms),
-        shutdown.clone(),
-    ));
+    let sweeper = tokio::spawn(sweep(pool.clone(), config.clone(), shutdown.clone()));
     let admission = Arc::new(
         Admission::new(pool.clone(), config.clone()).context("invalid guardrail configuration")?,
     );
@@ -70,9 +65,15 @@ pub async fn serve(
     Ok(())
 }
 
-/// Until `shutdown`: rescues jobs whose worker is gone (lease lapsed) and expires jobs left
-/// `queued` past their time to live.
-async fn sweep(pool: PgPool, ttl_seconds: u64, interval: Duration, shutdown: CancellationToken) {
+/// How often the sweeper purges what retention no longer keeps.
+const PURGE_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Until `shutdown`: rescues jobs whose worker is gone (lease lapsed), expires jobs left `queued`
+/// past their time to live, and now and then purges what retention no longer keeps.
+async fn sweep(pool: PgPool, config: Arc<Config>, shutdown: CancellationToken) {
+    let ttl_seconds = config.server.queued_job_ttl_seconds;
+    let interval = Duration::from_millis(config.server.sweep_interval_ms);
+    let mut next_purge = tokio::time::Instant::now();
     loop {
         match jobs::rescue_lapsed_leases(&pool, 1.0).await {
             Ok(rescued) if rescued.is_empty() => {}
@@ -85,6 +86,14 @@ async fn sweep(pool: PgPool, ttl_seconds: u64, interval: Duration, shutdown: Can
             Ok(0) => {}
             Ok(n) => tracing::warn!(expired = n, "jobs expired in the queue"),
             Err(e) => tracing::warn!(error = %e, "could not expire queued jobs; will retry"),
+        }
+        if tokio::time::Instant::now() >= next_purge {
+            next_purge += PURGE_INTERVAL;
+            match store::retention::purge(&pool, config.server.retention_days).await {
+                Ok(removed) if removed.is_empty() => {}
+                Ok(removed) => tracing::info!(?removed, "retention purged old rows"),
+                Err(e) => tracing::warn!(error = %e, "retention purge failed; will retry"),
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

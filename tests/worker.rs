@@ -207,3 +207,55 @@ async fn a_job_handed_back_at_shutdown_runs_once_on_the_next_worker() {
     let (_, _, in_flight, reserved, spent) = env.snapshot().await.counters[0];
     assert_eq!((in_flight, reserved, spent), (0, 0, cost.unwrap()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_old_finished_jobs_and_keeps_the_rest() {
+    let env = TestEnv::start(vec![ModelConfig::mock("mock-1")]).await;
+    let key = env
+        .create_key(tollgate::store::keys::NewKey {
+            name: "kept".into(),
+            rpm_limit: Some(100),
+            ..Default::default()
+        })
+        .await;
+    let old = env.submit_ok(&key, "mock-1", "old").await;
+    let recent = env.submit_ok(&key, "mock-1", "recent").await;
+    env.poll_until_done(&key, &old).await;
+    env.poll_until_done(&key, &recent).await;
+    // Age one job, the outbox rows and the rate window past what is kept.
+    sqlx::query("UPDATE tollgate.jobs SET finished_at = now() - interval '31 days' WHERE id = $1")
+        .bind(JobId::parse_public(&old).unwrap())
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE tollgate.outbox SET sent_at = now() - interval '2 days'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE tollgate.rate_windows SET window_start = window_start - interval '2 days'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+
+    let removed = tollgate::store::retention::purge(&env.pool, 30)
+        .await
+        .unwrap();
+    assert_eq!(
+        removed,
+        vec![("jobs", 1), ("outbox", 1), ("rate_windows", 1)],
+        "the old job's outbox row went with it"
+    );
+    let (status, _) = env.get(&key, &old).await;
+    assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
+    let (status, _) = env.get(&key, &recent).await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    let events: i64 = sqlx::query_scalar("SELECT count(DISTINCT job_id) FROM tollgate.job_events")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 1, "only the kept job's events remain");
+    assert!(tollgate::store::retention::purge(&env.pool, 30)
+        .await
+        .unwrap()
+        .is_empty());
+}
