@@ -4,7 +4,10 @@
 //! The connection is opened lazily and opened again after it is lost, so a front started while
 //! RabbitMQ is down still admits jobs (their outbox rows wait for the relay).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
@@ -24,8 +27,10 @@ pub enum PublishError {
     Nacked,
     #[error("RabbitMQ returned the message as unroutable: {0}")]
     Unroutable(String),
-    #[error("RabbitMQ did not confirm the message in time")]
+    #[error("RabbitMQ did not answer in time")]
     Timeout,
+    #[error("RabbitMQ is unreachable (the last attempt to connect failed less than a second ago)")]
+    Down,
 }
 
 /// Where and how to publish one message.
@@ -40,29 +45,61 @@ pub struct Envelope<'a> {
 
 pub struct Publisher {
     config: Arc<Config>,
-    /// The live connection and its confirm-mode channel, if any. The lock is held only to clone
-    /// the channel, or while connecting.
-    live: Mutex<Option<(Connection, Channel)>>,
+    /// The connection and its confirm-mode channel. The lock is held only to clone the channel,
+    /// or while connecting.
+    live: Mutex<Live>,
 }
+
+enum Live {
+    Never,
+    Up(Box<Connection>, Channel),
+    /// The last attempt to connect failed at this time.
+    Failed(Instant),
+}
+
+/// After a failed connect, publishing fails at once for this long.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
 impl Publisher {
     pub fn new(config: Arc<Config>) -> Self {
         Self {
             config,
-            live: Mutex::new(None),
+            live: Mutex::new(Live::Never),
         }
     }
 
     /// Returns a connected confirm-mode channel, connecting (and declaring the topology) if there
-    /// is none.
-    pub async fn channel(&self) -> Result<Channel, lapin::Error> {
+    /// is none. Connecting is bounded by the publish timeout, and after a failed attempt the next
+    /// second fails at once, so requests do not queue up behind an unreachable broker (their jobs
+    /// are committed; the relay publishes them later).
+    pub async fn channel(&self) -> Result<Channel, PublishError> {
         let mut live = self.live.lock().await;
-        if let Some((conn, channel)) = live.as_ref() {
-            if conn.status().connected() && channel.status().connected() {
+        match &*live {
+            Live::Up(conn, channel)
+                if conn.status().connected() && channel.status().connected() =>
+            {
                 return Ok(channel.clone());
             }
+            Live::Failed(at) if at.elapsed() < RECONNECT_PAUSE => return Err(PublishError::Down),
+            _ => {}
         }
-        *live = None;
+        match tokio::time::timeout(self.timeout(), self.connect()).await {
+            Ok(Ok((conn, channel))) => {
+                *live = Live::Up(Box::new(conn), channel.clone());
+                Ok(channel)
+            }
+            Ok(Err(e)) => {
+                *live = Live::Failed(Instant::now());
+                Err(e.into())
+            }
+            Err(_) => {
+                *live = Live::Failed(Instant::now());
+                Err(PublishError::Timeout)
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<(Connection, Channel), lapin::Error> {
         let amqp = &self.config.amqp;
         let conn = Connection::connect(
             &amqp.url,
@@ -75,13 +112,7 @@ impl Publisher {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        *live = Some((conn, channel.clone()));
-        Ok(channel)
-    }
-
-    /// True when a connection to RabbitMQ is open.
-    pub async fn is_connected(&self) -> bool {
-        matches!(self.live.lock().await.as_ref(), Some((conn, _)) if conn.status().connected())
+        Ok((conn, channel))
     }
 
     /// Publishes a job message to the jobs exchange and waits for RabbitMQ's confirm.
@@ -101,7 +132,7 @@ impl Publisher {
 
     /// Closes the connection, if one is open.
     pub async fn close(&self) {
-        if let Some((conn, _)) = self.live.lock().await.take() {
+        if let Live::Up(conn, _) = std::mem::replace(&mut *self.live.lock().await, Live::Never) {
             let _ = conn.close(200, "shutdown".into()).await;
         }
     }
