@@ -137,6 +137,8 @@ pub struct ServerConfig {
     pub sweep_interval_ms: u64,
     /// Finished jobs (with their events) are removed this many days after they finished.
     pub retention_days: u32,
+    /// On SIGTERM, how long requests in progress may take to finish.
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Default for ServerConfig {
@@ -149,6 +151,7 @@ impl Default for ServerConfig {
             queued_job_ttl_seconds: 86_400,
             sweep_interval_ms: 5000,
             retention_days: 30,
+            shutdown_grace_seconds: 10,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Starting and stopping tollgate's parts: the front (HTTP + outbox relay), the worker, or both in
 //! one process. Each runs until its shutdown token is cancelled, then drains.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::IntoFuture, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use sqlx::PgPool;
@@ -46,6 +46,7 @@ pub async fn serve(
     let admission = Arc::new(
         Admission::new(pool.clone(), config.clone()).context("invalid guardrail configuration")?,
     );
+    let config_grace = config.server.shutdown_grace_seconds;
     let state = AppState {
         pool,
         config,
@@ -54,10 +55,19 @@ pub async fn serve(
     };
     tracing::info!(listen = %listener.local_addr()?, "front listening");
     let stop = shutdown.clone();
-    axum::serve(listener, api::app(state))
+    let server = axum::serve(listener, api::app(state))
         .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-        .context("HTTP server failed")?;
+        .into_future();
+    // Requests in progress at shutdown get a bounded time to finish.
+    let grace = Duration::from_secs(config_grace);
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = server => served.context("HTTP server failed")?,
+        _ = deadline => tracing::warn!(?grace, "requests still running after the grace period; stopping"),
+    }
     shutdown.cancel();
     let _ = relay.await;
     let _ = sweeper.await;
