@@ -537,3 +537,38 @@ async fn sigterm_lets_running_jobs_finish_and_takes_no_new_ones() {
     assert_eq!(env.get(&key, &third).await.1["status"], "queued");
     assert_eq!(env.queue_depth().await, Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_message_for_a_running_job_does_not_run_it_twice() {
+    let upstream = FakeUpstream::start(Script::Slow {
+        deltas: 30,
+        delay_ms: 50,
+    })
+    .await;
+    let mut env = TestEnv::front_with(fault_config(vec![openai("slow", &upstream)])).await;
+    env.start_worker();
+    let key = env.key().await;
+    let id = env.submit_ok(&key, "slow", "once").await;
+    wait_until_streaming(&env, 1).await;
+    // A second copy of its message arrives while it runs (lease live).
+    let publisher = Publisher::new(env.config.clone());
+    let message =
+        tollgate::queue::JobMessage::new(tollgate::ids::JobId::parse_public(&id).unwrap(), "slow");
+    publisher.publish(&message).await.unwrap();
+    publisher.close().await;
+    let done = env.poll_until_done(&key, &id).await;
+    assert_eq!(done["status"], "completed");
+    // The duplicate waited for the first run, found it finished, and was acked.
+    env.wait_for(Duration::from_secs(10), || async {
+        env.queue_depth().await == Some(0)
+    })
+    .await;
+    env.stop_worker().await;
+    assert_eq!(
+        env.queue_depth().await,
+        Some(0),
+        "the duplicate was settled"
+    );
+    assert_eq!(upstream.calls(), 1, "the upstream was called once");
+    assert_eq!(jobs(&env).await[0].1, 1, "one attempt");
+}
