@@ -160,16 +160,10 @@ impl CreateResponse {
     pub fn messages(&self) -> Vec<ChatMessage> {
         let mut messages = Vec::new();
         if let Some(instructions) = &self.instructions {
-            messages.push(ChatMessage {
-                role: "system".into(),
-                content: instructions.clone(),
-            });
+            messages.push(ChatMessage::new("system", instructions.as_str()));
         }
         match &self.input {
-            Input::Text(text) => messages.push(ChatMessage {
-                role: "user".into(),
-                content: text.clone(),
-            }),
+            Input::Text(text) => messages.push(ChatMessage::new("user", text.as_str())),
             Input::Items(items) => messages.extend(items.iter().map(|item| {
                 ChatMessage {
                     role: if item.role == "developer" {

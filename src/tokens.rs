@@ -93,10 +93,7 @@ mod tests {
     use super::*;
 
     fn user(text: &str) -> Vec<ChatMessage> {
-        vec![ChatMessage {
-            role: "user".into(),
-            content: text.into(),
-        }]
+        vec![ChatMessage::new("user", text)]
     }
 
     #[test]

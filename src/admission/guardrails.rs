@@ -133,10 +133,7 @@ mod tests {
     use crate::config::DenyPattern;
 
     fn user(text: &str) -> Vec<ChatMessage> {
-        vec![ChatMessage {
-            role: "user".into(),
-            content: text.into(),
-        }]
+        vec![ChatMessage::new("user", text)]
     }
 
     #[tokio::test]

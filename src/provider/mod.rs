@@ -21,6 +21,15 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+impl ChatMessage {
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
 /// What a provider is asked to generate.
 #[derive(Debug, Clone)]
 pub struct CallRequest {
