@@ -120,6 +120,12 @@ pub struct ServerConfig {
     pub queued_job_ttl_seconds: u64,
     /// How often the front looks for expired jobs, in milliseconds.
     pub sweep_interval_ms: u64,
+    /// A request with `"background": false, "stream": false` waits at most this long for its job
+    /// to finish; then it gets the job as it stands (`queued` or `in_progress`) to poll.
+    pub sync_wait_seconds: u64,
+    /// Stream readers and waiting requests are woken by LISTEN/NOTIFY; as a safety net they also
+    /// re-read the job this often, in milliseconds.
+    pub stream_fallback_poll_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -130,6 +136,8 @@ impl Default for ServerConfig {
             relay_interval_ms: 1000,
             queued_job_ttl_seconds: 86_400,
             sweep_interval_ms: 5000,
+            sync_wait_seconds: 300,
+            stream_fallback_poll_ms: 2000,
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::{
     api::{self, AppState},
     config::Config,
     queue::{outbox, Publisher},
-    store::{self, jobs},
+    store::{self, jobs, notify::JobWatch},
     worker::Worker,
 };
 
@@ -50,8 +50,14 @@ pub async fn serve(
     let admission = Arc::new(
         Admission::new(pool.clone(), config.clone()).context("invalid guardrail configuration")?,
     );
+    let watch = JobWatch::start(
+        pool.clone(),
+        Duration::from_millis(config.server.stream_fallback_poll_ms),
+        shutdown.clone(),
+    );
     let state = AppState {
         pool,
+        watch,
         config,
         publisher: publisher.clone(),
         admission,

@@ -1,11 +1,14 @@
-//! The HTTP front: the OpenAI Responses API (background mode) plus health endpoints.
+//! The HTTP front: the OpenAI Responses API (background, streaming and synchronous modes) plus
+//! health endpoints.
 //! `app(state)` builds the router; serving it is the caller's business, so tests run the real
 //! router on port 0.
 
 mod error;
 mod health;
+mod input_items;
 mod object;
 mod responses;
+mod stream;
 
 use std::sync::Arc;
 
@@ -19,8 +22,9 @@ use sqlx::PgPool;
 
 pub use error::ApiError;
 pub use object::response_object;
+pub use stream::{events_from, known_end, StreamEvent, FIRST_DELTA};
 
-use crate::{admission::Admission, config::Config, queue::Publisher};
+use crate::{admission::Admission, config::Config, queue::Publisher, store::notify::JobWatch};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -29,6 +33,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub publisher: Arc<Publisher>,
     pub admission: Arc<Admission>,
+    /// Wake-ups for readers that follow a job (streams, synchronous requests).
+    pub watch: JobWatch,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -70,4 +76,11 @@ fn body_error(rejection: BytesRejection) -> Response {
         }
         .into_response()
     }
+}
+
+/// The query string's parameters; of a repeated one, the last.
+fn query_pairs(query: Option<String>) -> std::collections::HashMap<String, String> {
+    url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect()
 }

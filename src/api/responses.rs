@@ -1,22 +1,38 @@
-//! `/v1/responses`: create (admission → job row → publish), retrieve and cancel.
+//! `/v1/responses`: create (admission → job row → publish), retrieve, stream, cancel, delete.
+//!
+//! Every create goes through admission → job row → outbox → RabbitMQ → worker; the three modes
+//! differ only in how the answer follows the job once admitted:
+//! - `"background": true` (without `stream`): the `queued` object at once, to poll;
+//! - `"stream": true` (with or without `background`): the event stream from `sequence_number` 0
+//!   (see [`super::stream`]);
+//! - neither: waits (woken by NOTIFY) until the job is finished, at most
+//!   `server.sync_wait_seconds`, then answers the object as it stands.
+//!
+//! `store` is accepted and the job is stored whatever its value: the row is the job.
+
+use std::time::Duration;
 
 use axum::{
     body::Bytes,
-    extract::{rejection::BytesRejection, Path, State},
+    extract::{rejection::BytesRejection, Path, RawQuery, State},
     http::{HeaderMap, HeaderName, HeaderValue},
     response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
 };
+use serde_json::{json, Value};
 
-use super::{bearer, body_error, object::response_object, ApiError, AppState};
+use super::{
+    bearer, body_error, input_items, object::response_object, query_pairs, stream::Follower,
+    ApiError, AppState,
+};
 use crate::{
     admission::{Admitted, Quota, RateReport, Rejection, Submission},
     ids::JobId,
     queue::outbox,
-    request::{CreateResponse, InvalidRequest},
+    request::CreateResponse,
     store::{
-        jobs::{self, Cancelled},
+        jobs::{self, Cancelled, JobRow},
         keys::{self, ApiKey},
     },
 };
@@ -24,8 +40,17 @@ use crate::{
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/responses", post(create))
-        .route("/v1/responses/{id}", get(retrieve))
+        .route("/v1/responses/{id}", get(retrieve).delete(delete))
         .route("/v1/responses/{id}/cancel", post(cancel))
+        .route("/v1/responses/{id}/input_items", get(input_items::list))
+}
+
+/// How the answer to a create follows the admitted job.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Background,
+    Stream,
+    Wait,
 }
 
 fn missing_key() -> ApiError {
@@ -36,7 +61,10 @@ fn missing_key() -> ApiError {
 }
 
 /// The caller's live key, or 401.
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<ApiKey, ApiError> {
+pub(super) async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<ApiKey, ApiError> {
     let secret = bearer(headers).ok_or_else(missing_key)?;
     Ok(keys::find_live(&state.pool, secret)
         .await?
@@ -65,22 +93,12 @@ async fn create(
             })
         }
     };
-    let parsed = CreateResponse::parse(&body).and_then(|(request, raw)| {
-        if request.background != Some(true) {
-            return Err(InvalidRequest {
-                message: "Only background mode is served: set \"background\": true.".into(),
-                param: Some("background".into()),
-            });
-        }
-        if request.stream == Some(true) {
-            return Err(InvalidRequest {
-                message: "Streaming is not served yet: leave \"stream\" unset or false and poll."
-                    .into(),
-                param: Some("stream".into()),
-            });
-        }
-        Ok((request, raw))
-    });
+    let parsed = CreateResponse::parse(&body);
+    let mode = match &parsed {
+        Ok((request, _)) if request.stream == Some(true) => Mode::Stream,
+        Ok((request, _)) if request.background == Some(true) => Mode::Background,
+        _ => Mode::Wait,
+    };
     let decision = state
         .admission
         .admit(Submission {
@@ -89,7 +107,7 @@ async fn create(
             idempotency_key,
         })
         .await;
-    let mut response = match decision.result {
+    let job = match decision.result {
         Ok(Admitted::New {
             job,
             outbox_id,
@@ -107,13 +125,44 @@ async fn create(
                     tracing::warn!(job_id = %job.id, error = %e, "publish failed; the outbox relay will retry");
                 }
             }
-            Json(response_object(&job)).into_response()
+            job
         }
-        Ok(Admitted::Replayed(job)) => Json(response_object(&job)).into_response(),
-        Err(rejection) => ApiError::from(rejection).into_response(),
+        Ok(Admitted::Replayed(job)) => job,
+        Err(rejection) => {
+            let mut response = ApiError::from(rejection).into_response();
+            add_rate_headers(response.headers_mut(), &decision.rates);
+            return Ok(response);
+        }
+    };
+    let mut response = match mode {
+        Mode::Background => Json(response_object(&job)).into_response(),
+        Mode::Stream => Follower::new(state, job.id, job.key_id, None).into_sse(),
+        Mode::Wait => Json(response_object(&wait_finished(&state, job).await?)).into_response(),
     };
     add_rate_headers(response.headers_mut(), &decision.rates);
     Ok(response)
+}
+
+/// The job once finished, or as it stands after `server.sync_wait_seconds` (or at shutdown).
+async fn wait_finished(state: &AppState, job: JobRow) -> Result<JobRow, ApiError> {
+    let mut subscription = state.watch.subscribe(job.id);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(state.config.server.sync_wait_seconds);
+    loop {
+        let current = jobs::get_for_key(&state.pool, job.id, job.key_id)
+            .await?
+            .ok_or_else(|| ApiError::job_not_found(&job.id.to_string()))?;
+        if current.status.is_terminal() {
+            return Ok(current);
+        }
+        match tokio::time::timeout_at(deadline, subscription.changed()).await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                tracing::info!(job_id = %job.id, "stopped waiting; answering the job as it stands");
+                return Ok(current);
+            }
+        }
+    }
 }
 
 /// OpenAI's `x-ratelimit-*` headers for the key's windows that have a limit.
@@ -136,18 +185,70 @@ fn add_rate_headers(headers: &mut HeaderMap, rates: &RateReport) {
     put("tokens", &rates.tokens);
 }
 
+/// The Response object; with `?stream=true`, its event stream after `starting_after` (all of it
+/// when absent), replayed from the rows and then followed live until the terminal event.
 #[tracing::instrument(skip_all, fields(job_id = %id))]
 async fn retrieve(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let key = authenticate(&state, &headers).await?;
+    let query = query_pairs(query);
+    let stream = match query.get("stream").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return Err(invalid_param(
+                "`stream` must be `true` or `false`.",
+                "stream",
+            ))
+        }
+    };
+    let starting_after = match query.get("starting_after") {
+        None => None,
+        Some(n) => Some(n.parse::<u64>().map_err(|_| {
+            invalid_param(
+                "`starting_after` must be a non-negative integer.",
+                "starting_after",
+            )
+        })?),
+    };
     let job_id = JobId::parse_public(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
     let job = jobs::get_for_key(&state.pool, job_id, key.id)
         .await?
         .ok_or_else(|| ApiError::job_not_found(&id))?;
+    if stream {
+        return Ok(Follower::new(state, job.id, key.id, starting_after).into_sse());
+    }
     Ok(Json(response_object(&job)).into_response())
+}
+
+fn invalid_param(message: &str, param: &str) -> ApiError {
+    ApiError::InvalidRequest {
+        message: message.into(),
+        param: Some(param.into()),
+    }
+}
+
+/// Deletes a job of the caller's key, finished or not (an unfinished one stops, and gives back
+/// what admission took).
+#[tracing::instrument(skip_all, fields(job_id = %id))]
+async fn delete(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let key = authenticate(&state, &headers).await?;
+    let job_id = JobId::parse_public(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
+    if !jobs::delete_for_key(&state.pool, job_id, key.id).await? {
+        return Err(ApiError::job_not_found(&id));
+    }
+    tracing::info!(job_id = %job_id, "deleted");
+    Ok(Json(
+        json!({"id": job_id.to_string(), "object": "response", "deleted": true}),
+    ))
 }
 
 /// Cancels a queued or running job. Cancelling a cancelled job answers it again; cancelling a job
