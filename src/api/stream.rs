@@ -92,10 +92,16 @@ fn terminal_kind(status: JobStatus) -> &'static str {
 /// The events of `job` numbered `next` and on, as far as the rows define them. `deltas` are the
 /// latest attempt's deltas from index `next - FIRST_DELTA` (or 0) on.
 pub fn events_from(job: &JobRow, deltas: &AttemptDeltas, next: u64) -> Vec<StreamEvent> {
-    let end = known_end(job, deltas.total);
     let started = job.attempt >= 1;
     let n = deltas.total as u64;
     let first_fetched = next.saturating_sub(FIRST_DELTA);
+    let mut end = known_end(job, deltas.total);
+    // Never past a delta that was not read (the rows are read in one statement, so this guards
+    // only against a caller passing less than it should).
+    let fetched_end = first_fetched + deltas.deltas.len() as u64;
+    if started && fetched_end < n {
+        end = end.min(FIRST_DELTA + fetched_end);
+    }
     let item_id = job.id.message_id();
     let text = || job.output_text.as_str();
     (next..end)
@@ -286,5 +292,104 @@ impl Follower {
         Sse::new(events)
             .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
             .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use serde_json::json;
+    use sqlx::types::Json;
+
+    use super::*;
+    use crate::ids::KeyId;
+
+    fn job(status: JobStatus, attempt: i32, text: &str) -> JobRow {
+        JobRow {
+            id: JobId::new(),
+            key_id: KeyId(uuid::Uuid::nil()),
+            model: "m".into(),
+            status,
+            request: Json(json!({"model": "m", "input": "x"})),
+            output_text: text.into(),
+            input_tokens: None,
+            output_tokens: None,
+            cost_micro_usd: None,
+            error: None,
+            attempt,
+            created_at: Utc::now(),
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    fn deltas(all: &[&str], from: usize) -> AttemptDeltas {
+        AttemptDeltas {
+            deltas: all[from.min(all.len())..]
+                .iter()
+                .map(|d| d.to_string())
+                .collect(),
+            total: all.len(),
+        }
+    }
+
+    fn kinds(events: &[StreamEvent]) -> Vec<&str> {
+        events.iter().map(|e| e.kind).collect()
+    }
+
+    #[test]
+    fn a_job_never_claimed_has_three_events_at_most() {
+        let queued = job(JobStatus::Queued, 0, "");
+        let events = events_from(&queued, &AttemptDeltas::default(), 0);
+        assert_eq!(kinds(&events), ["response.created", "response.queued"]);
+        let expired = job(JobStatus::Failed, 0, "");
+        let events = events_from(&expired, &AttemptDeltas::default(), 1);
+        assert_eq!(kinds(&events), ["response.queued", "response.failed"]);
+        assert_eq!(events[1].data["sequence_number"], 2);
+    }
+
+    #[test]
+    fn numbers_follow_the_deltas_and_resume_anywhere() {
+        let all = ["a", "b", "c"];
+        let done = job(JobStatus::Completed, 2, "abc");
+        let full = events_from(&done, &deltas(&all, 0), 0);
+        assert_eq!(full.len() as u64, known_end(&done, 3));
+        assert_eq!(full.len(), 5 + 3 + 4);
+        for (i, e) in full.iter().enumerate() {
+            assert_eq!(e.sequence_number, i as u64);
+            assert_eq!(e.data["sequence_number"], i as u64);
+            assert_eq!(e.data["type"], e.kind);
+        }
+        for next in 0..=full.len() as u64 {
+            let from = next.saturating_sub(FIRST_DELTA) as usize;
+            assert_eq!(
+                events_from(&done, &deltas(&all, from), next),
+                full[next as usize..]
+            );
+        }
+        assert_eq!(full[6].data["delta"], "b");
+        assert_eq!(full[8].data["text"], "abc");
+    }
+
+    #[test]
+    fn a_running_job_shows_what_is_written_and_no_more() {
+        let running = job(JobStatus::InProgress, 1, "ab");
+        let events = events_from(&running, &deltas(&["a", "b"], 0), 0);
+        assert_eq!(events.len(), 7);
+        assert_eq!(events[6].kind, "response.output_text.delta");
+        // Fewer deltas read than counted: stop before the first missing one.
+        let short = AttemptDeltas {
+            deltas: vec!["a".into()],
+            total: 2,
+        };
+        assert_eq!(events_from(&running, &short, 0).len(), 6);
+    }
+
+    #[test]
+    fn a_cancelled_running_job_ends_with_response_cancelled() {
+        let cancelled = job(JobStatus::Cancelled, 1, "a");
+        let events = events_from(&cancelled, &deltas(&["a"], 0), 0);
+        assert_eq!(events.last().unwrap().kind, "response.cancelled");
+        assert_eq!(events[8].data["item"]["status"], "incomplete");
     }
 }

@@ -347,6 +347,8 @@ pub async fn attempt_deltas(
     let total = match rows.last() {
         Some((_, last, _)) => *last as usize + 1,
         None => {
+            // No delta from `from` on when the rows were read; any counted now came later, and
+            // are left for the next read.
             let total: i32 = sqlx::query_scalar(
                 "SELECT coalesce(max(seq_last) + 1, 0) FROM tollgate.job_events
                   WHERE job_id = $1 AND attempt = $2",
@@ -355,7 +357,7 @@ pub async fn attempt_deltas(
             .bind(attempt)
             .fetch_one(pool)
             .await?;
-            total as usize
+            (total as usize).min(from)
         }
     };
     let mut deltas = Vec::new();
