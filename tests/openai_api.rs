@@ -676,3 +676,64 @@ async fn the_edges_answer_in_openai_error_shape() {
     assert_eq!(body["error"]["param"], "starting_after");
     assert_eq!(env.snapshot().await.jobs, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_matches_the_routes() {
+    let env = TestEnv::front_only(vec![ModelConfig::mock("mock-1")]).await;
+    let key = env.key().await;
+    let doc: Value = env
+        .http
+        .get(env.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{doc}");
+    let paths = doc["paths"].as_object().unwrap();
+    let mut documented: Vec<(String, String)> = paths
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .filter(|m| ["get", "post", "delete", "put", "patch"].contains(&m.as_str()))
+                .map(move |m| (m.clone(), path.clone()))
+        })
+        .collect();
+    documented.sort();
+    assert_eq!(
+        documented,
+        [
+            ("delete", "/v1/responses/{id}"),
+            ("get", "/v1/responses/{id}"),
+            ("get", "/v1/responses/{id}/input_items"),
+            ("post", "/v1/responses"),
+            ("post", "/v1/responses/{id}/cancel"),
+        ]
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+    );
+    assert!(doc["components"]["schemas"]["CreateResponse"]["properties"]["input"].is_object());
+    assert!(paths["/v1/responses"]["post"]["responses"]["429"].is_object());
+
+    // Every documented route is served: a request reaches its handler, not the fallbacks.
+    let unknown = format!("resp_{}", Uuid::nil().simple());
+    for (method, path) in &documented {
+        let resp = env
+            .http
+            .request(
+                method.to_uppercase().parse().unwrap(),
+                env.url(&path.replace("{id}", &unknown)),
+            )
+            .bearer_auth(&key)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap();
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert_ne!(body["error"]["code"], "unknown_url", "{method} {path}");
+    }
+}

@@ -12,7 +12,12 @@ use axum::{
 };
 use serde_json::{json, Value};
 
-use super::{query_pairs, responses::authenticate, ApiError, AppState};
+use super::{
+    openapi::{ErrorBody, InputItemList},
+    query_pairs,
+    responses::authenticate,
+    ApiError, AppState,
+};
 use crate::{
     ids::JobId,
     request::{Content, CreateResponse, Input},
@@ -100,6 +105,23 @@ pub fn page(mut items: Vec<Value>, query: &HashMap<String, String>) -> Result<Va
     }))
 }
 
+/// The input items of a response.
+#[utoipa::path(
+    get, path = "/v1/responses/{id}/input_items", tag = "responses", security(("api_key" = [])),
+    params(
+        ("id" = String, Path, description = "The response id, `resp_…`"),
+        ("limit" = Option<u32>, Query, description = "1 to 100, default 20"),
+        ("order" = Option<String>, Query, description = "`asc` or `desc` (default)"),
+        ("after" = Option<String>, Query, description = "An item id: the items after it"),
+        ("before" = Option<String>, Query, description = "An item id: the items before it"),
+    ),
+    responses(
+        (status = 200, description = "A page of input items", body = InputItemList),
+        (status = 400, description = "Invalid pagination", body = ErrorBody),
+        (status = 401, description = "No key, or an invalid one", body = ErrorBody),
+        (status = 404, description = "No such response for this key", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, fields(job_id = %id))]
 pub(super) async fn list(
     State(state): State<AppState>,

@@ -7,6 +7,7 @@ mod error;
 mod health;
 mod input_items;
 mod object;
+mod openapi;
 mod responses;
 mod stream;
 
@@ -16,9 +17,12 @@ use axum::{
     extract::{rejection::BytesRejection, DefaultBodyLimit},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
-    Router,
+    routing::get,
+    Json, Router,
 };
 use sqlx::PgPool;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
 pub use object::response_object;
@@ -39,9 +43,17 @@ pub struct AppState {
 
 pub fn app(state: AppState) -> Router {
     let body_limit = state.config.server.max_body_bytes;
-    Router::new()
+    let (responses, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(responses::router())
+        .split_for_parts();
+    let document = Arc::new(document);
+    Router::new()
+        .merge(responses)
         .merge(health::router())
+        .route(
+            "/openapi.json",
+            get(move || async move { Json(document.as_ref().clone()) }),
+        )
         .fallback(|| async {
             ApiError::NotFound {
                 message: "Unknown request URL. Please check the URL and method.".into(),

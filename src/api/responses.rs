@@ -17,13 +17,17 @@ use axum::{
     extract::{rejection::BytesRejection, Path, RawQuery, State},
     http::{HeaderMap, HeaderName, HeaderValue},
     response::{IntoResponse, Response},
-    routing::{get, post},
-    Json, Router,
+    Json,
 };
 use serde_json::{json, Value};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
-    bearer, body_error, input_items, object::response_object, query_pairs, stream::Follower,
+    bearer, body_error, input_items,
+    object::response_object,
+    openapi::{Deleted, ErrorBody, ResponseObject, StreamEventData},
+    query_pairs,
+    stream::Follower,
     ApiError, AppState,
 };
 use crate::{
@@ -37,12 +41,13 @@ use crate::{
     },
 };
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/responses", post(create))
-        .route("/v1/responses/{id}", get(retrieve).delete(delete))
-        .route("/v1/responses/{id}/cancel", post(cancel))
-        .route("/v1/responses/{id}/input_items", get(input_items::list))
+/// The routes, each documented by its handler's `#[utoipa::path]`.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create))
+        .routes(routes!(retrieve, delete))
+        .routes(routes!(cancel))
+        .routes(routes!(input_items::list))
 }
 
 /// How the answer to a create follows the admitted job.
@@ -71,6 +76,28 @@ pub(super) async fn authenticate(
         .ok_or(Rejection::InvalidKey)?)
 }
 
+/// Creates a response: admission, then the job. The answer follows `background` and `stream`.
+#[utoipa::path(
+    post, path = "/v1/responses", tag = "responses", security(("api_key" = [])),
+    request_body = CreateResponse,
+    params(("Idempotency-Key" = Option<String>, Header,
+            description = "The same key and idempotency key return the first job.")),
+    responses(
+        (status = 200, description = "The Response object: `queued` with `background: true`, \
+            finished (or as it stands after `server.sync_wait_seconds`) without; with \
+            `stream: true` the event stream.",
+         content((ResponseObject = "application/json"),
+                 (StreamEventData = "text/event-stream"))),
+        (status = 400, description = "Invalid body, naming `param`; or a guardrail refused it",
+         body = ErrorBody),
+        (status = 401, description = "No key, or an invalid one", body = ErrorBody),
+        (status = 403, description = "The key may not use the model", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 413, description = "Body over `server.max_body_bytes`", body = ErrorBody),
+        (status = 422, description = "Idempotency-Key reused with another body", body = ErrorBody),
+        (status = 429, description = "A rate limit, jobs in flight, or the budget", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all)]
 async fn create(
     State(state): State<AppState>,
@@ -187,6 +214,23 @@ fn add_rate_headers(headers: &mut HeaderMap, rates: &RateReport) {
 
 /// The Response object; with `?stream=true`, its event stream after `starting_after` (all of it
 /// when absent), replayed from the rows and then followed live until the terminal event.
+#[utoipa::path(
+    get, path = "/v1/responses/{id}", tag = "responses", security(("api_key" = [])),
+    params(
+        ("id" = String, Path, description = "The response id, `resp_…`"),
+        ("stream" = Option<bool>, Query, description = "Answer the event stream"),
+        ("starting_after" = Option<u64>, Query,
+         description = "With `stream`: only the events after this sequence number"),
+    ),
+    responses(
+        (status = 200, description = "The Response object, or its event stream",
+         content((ResponseObject = "application/json"),
+                 (StreamEventData = "text/event-stream"))),
+        (status = 400, description = "Invalid `stream` or `starting_after`", body = ErrorBody),
+        (status = 401, description = "No key, or an invalid one", body = ErrorBody),
+        (status = 404, description = "No such response for this key", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, fields(job_id = %id))]
 async fn retrieve(
     State(state): State<AppState>,
@@ -234,6 +278,15 @@ fn invalid_param(message: &str, param: &str) -> ApiError {
 
 /// Deletes a job of the caller's key, finished or not (an unfinished one stops, and gives back
 /// what admission took).
+#[utoipa::path(
+    delete, path = "/v1/responses/{id}", tag = "responses", security(("api_key" = [])),
+    params(("id" = String, Path, description = "The response id, `resp_…`")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 401, description = "No key, or an invalid one", body = ErrorBody),
+        (status = 404, description = "No such response for this key", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, fields(job_id = %id))]
 async fn delete(
     State(state): State<AppState>,
@@ -253,6 +306,16 @@ async fn delete(
 
 /// Cancels a queued or running job. Cancelling a cancelled job answers it again; cancelling a job
 /// that finished otherwise is a 400, as with OpenAI.
+#[utoipa::path(
+    post, path = "/v1/responses/{id}/cancel", tag = "responses", security(("api_key" = [])),
+    params(("id" = String, Path, description = "The response id, `resp_…`")),
+    responses(
+        (status = 200, description = "The cancelled Response object", body = ResponseObject),
+        (status = 400, description = "The response already finished otherwise", body = ErrorBody),
+        (status = 401, description = "No key, or an invalid one", body = ErrorBody),
+        (status = 404, description = "No such response for this key", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, fields(job_id = %id))]
 async fn cancel(
     State(state): State<AppState>,
