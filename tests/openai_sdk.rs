@@ -1,6 +1,7 @@
 //! The official OpenAI Python SDK as a real client: `tests/sdk/test_openai_sdk.py` runs against
 //! the real front and worker. The SDK, pinned in `tests/sdk/requirements.txt`, is installed into
 //! `.venv` in the project directory on first run (and again whenever the requirements change).
+//! The README's SDK snippet runs too, as a user would copy it.
 
 mod common;
 
@@ -110,4 +111,52 @@ async fn the_official_python_sdk_works_unchanged() {
         output.status
     );
     assert!(stdout.contains("all checks passed"), "{stdout}");
+}
+
+/// The Python block of the README's "With the OpenAI SDK" section, aimed at `base_url` with `key`.
+fn readme_snippet(base_url: &str, key: &str) -> String {
+    let readme = fs::read_to_string(project().join("README.md")).expect("README.md");
+    let section = readme
+        .split("## With the OpenAI SDK")
+        .nth(1)
+        .expect("the README has the SDK section");
+    let code = section
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the SDK section has a Python block");
+    assert!(code.contains("\"http://127.0.0.1:8080/v1\"") && code.contains("\"sk-tg-…\""));
+    code.replace("\"http://127.0.0.1:8080/v1\"", &format!("{base_url:?}"))
+        .replace("\"sk-tg-…\"", &format!("{key:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_python_snippet_runs() {
+    let python = tokio::task::spawn_blocking(python_with_sdk).await.unwrap();
+    // Slow enough that the snippet's cancel finds its job unfinished.
+    let env = TestEnv::start(vec![ModelConfig {
+        mock_delay_ms: 50,
+        ..ModelConfig::mock("mock-1")
+    }])
+    .await;
+    let key = env.key().await;
+    let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join("readme_snippet.py");
+    fs::write(&script, readme_snippet(&env.url("/v1"), &key)).unwrap();
+    let output = tokio::process::Command::new(python)
+        .arg(&script)
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .output()
+        .await
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the README snippet failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    let expected: String = (0..20).map(tollgate::provider::mock_delta).collect();
+    assert!(stdout.contains(&expected), "{stdout}");
+    assert!(stdout.contains("cancelled\nNever mind\n"), "{stdout}");
 }
