@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the local PostgreSQL and RabbitMQ that tollgate uses are running: starts them if
-# installed, installs them from the distribution's packages if not.
+# installed, installs them from the distribution's packages if not. Also makes sure python3 with
+# venv is there for the OpenAI SDK test.
 #
 # Idempotent: run it as often as you like. It exits 0 only once PostgreSQL accepts connections on
 # 127.0.0.1:5432 and RabbitMQ on 127.0.0.1:5672 (what tollgate.toml's defaults point at), and 1 if
@@ -160,5 +161,19 @@ ensure_rabbitmq() {
     fi
 }
 
+# ---------------------------------------------------------------------------------------------
+# Python, for the test that runs the official OpenAI SDK (it makes its own virtualenv)
+# ---------------------------------------------------------------------------------------------
+
+ensure_python() {
+    if command -v python3 >/dev/null && python3 -m venv --help >/dev/null 2>&1; then
+        log "python3: present"
+    else
+        apt_install python3 python3-venv
+        log "python3: installed"
+    fi
+}
+
 ensure_postgres
 ensure_rabbitmq
+ensure_python

@@ -139,6 +139,12 @@ pub struct ServerConfig {
     pub retention_days: u32,
     /// On SIGTERM, how long requests in progress may take to finish.
     pub shutdown_grace_seconds: u64,
+    /// A request with `"background": false, "stream": false` waits at most this long for its job
+    /// to finish; then it gets the job as it stands (`queued` or `in_progress`) to poll.
+    pub sync_wait_seconds: u64,
+    /// Stream readers and waiting requests are woken by LISTEN/NOTIFY; as a safety net they also
+    /// re-read the job this often, in milliseconds.
+    pub stream_fallback_poll_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -152,6 +158,8 @@ impl Default for ServerConfig {
             sweep_interval_ms: 5000,
             retention_days: 30,
             shutdown_grace_seconds: 10,
+            sync_wait_seconds: 300,
+            stream_fallback_poll_ms: 2000,
         }
     }
 }

@@ -1,5 +1,5 @@
-//! tollgate: admission-controlled, queue-backed background jobs for LLM requests — the background
-//! mode of the OpenAI Responses API.
+//! tollgate: admission-controlled, queue-backed background jobs for LLM requests — the OpenAI
+//! Responses API (background, streaming and synchronous modes), every request run as a job.
 //!
 //! A request flows through the modules in this order:
 //! [`api`] (HTTP front) → [`admission`] (one PostgreSQL transaction decides and writes the job and

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::provider::{CallRequest, ChatMessage};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct CreateResponse {
     pub model: String,
     pub input: Input,
@@ -25,14 +25,14 @@ pub struct CreateResponse {
 }
 
 /// `input`: a string, or a list of message items.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Input {
     Text(String),
     Items(Vec<InputItem>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct InputItem {
     #[serde(rename = "type", default = "message_type")]
     pub kind: String,
@@ -45,14 +45,14 @@ fn message_type() -> String {
 }
 
 /// A message's content: a string, or a list of text parts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,

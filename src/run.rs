@@ -13,7 +13,7 @@ use crate::{
     api::{self, AppState},
     config::Config,
     queue::{outbox, Publisher},
-    store::{self, jobs},
+    store::{self, jobs, notify::JobWatch},
     worker::Worker,
 };
 
@@ -47,8 +47,14 @@ pub async fn serve(
         Admission::new(pool.clone(), config.clone()).context("invalid guardrail configuration")?,
     );
     let config_grace = config.server.shutdown_grace_seconds;
+    let watch = JobWatch::start(
+        pool.clone(),
+        Duration::from_millis(config.server.stream_fallback_poll_ms),
+        shutdown.clone(),
+    );
     let state = AppState {
         pool,
+        watch,
         config,
         publisher: publisher.clone(),
         admission,

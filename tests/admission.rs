@@ -122,7 +122,18 @@ async fn bad_bodies_are_400_naming_the_field_and_leave_nothing() {
             r#"{"model": "mock-1", "input": "x", "background": true, "max_output_tokens": 999999}"#,
             Some("max_output_tokens"),
         ),
-        (r#"{"model": "mock-1", "input": "x"}"#, Some("background")),
+        (
+            r#"{"model": "mock-1", "input": "x", "stream": "yes"}"#,
+            Some("stream"),
+        ),
+        (
+            r#"{"model": "mock-1", "input": "x", "background": 1}"#,
+            Some("background"),
+        ),
+        (
+            r#"{"model": "mock-1", "input": "x", "metadata": {"a": 1}}"#,
+            Some("metadata.a"),
+        ),
     ];
     for (body, param) in cases {
         let (error, _) =

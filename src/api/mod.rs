@@ -1,11 +1,15 @@
-//! The HTTP front: the OpenAI Responses API (background mode) plus health endpoints.
+//! The HTTP front: the OpenAI Responses API (background, streaming and synchronous modes) plus
+//! health endpoints.
 //! `app(state)` builds the router; serving it is the caller's business, so tests run the real
 //! router on port 0.
 
 mod error;
 mod health;
+mod input_items;
 mod object;
+mod openapi;
 mod responses;
+mod stream;
 
 use std::sync::Arc;
 
@@ -13,14 +17,18 @@ use axum::{
     extract::{rejection::BytesRejection, DefaultBodyLimit},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
-    Router,
+    routing::get,
+    Json, Router,
 };
 use sqlx::PgPool;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
 pub use object::response_object;
+pub use stream::{events_from, known_end, StreamEvent, FIRST_DELTA};
 
-use crate::{admission::Admission, config::Config, queue::Publisher};
+use crate::{admission::Admission, config::Config, queue::Publisher, store::notify::JobWatch};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -29,13 +37,23 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub publisher: Arc<Publisher>,
     pub admission: Arc<Admission>,
+    /// Wake-ups for readers that follow a job (streams, synchronous requests).
+    pub watch: JobWatch,
 }
 
 pub fn app(state: AppState) -> Router {
     let body_limit = state.config.server.max_body_bytes;
-    Router::new()
+    let (responses, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(responses::router())
+        .split_for_parts();
+    let document = Arc::new(document);
+    Router::new()
+        .merge(responses)
         .merge(health::router())
+        .route(
+            "/openapi.json",
+            get(move || async move { Json(document.as_ref().clone()) }),
+        )
         .fallback(|| async {
             ApiError::NotFound {
                 message: "Unknown request URL. Please check the URL and method.".into(),
@@ -70,4 +88,11 @@ fn body_error(rejection: BytesRejection) -> Response {
         }
         .into_response()
     }
+}
+
+/// The query string's parameters; of a repeated one, the last.
+fn query_pairs(query: Option<String>) -> std::collections::HashMap<String, String> {
+    url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect()
 }

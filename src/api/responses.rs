@@ -1,31 +1,61 @@
-//! `/v1/responses`: create (admission → job row → publish), retrieve and cancel.
+//! `/v1/responses`: create (admission → job row → publish), retrieve, stream, cancel, delete.
+//!
+//! Every create goes through admission → job row → outbox → RabbitMQ → worker; the three modes
+//! differ only in how the answer follows the job once admitted:
+//! - `"background": true` (without `stream`): the `queued` object at once, to poll;
+//! - `"stream": true` (with or without `background`): the event stream from `sequence_number` 0
+//!   (see [`super::stream`]);
+//! - neither: waits (woken by NOTIFY) until the job is finished, at most
+//!   `server.sync_wait_seconds`, then answers the object as it stands.
+//!
+//! `store` is accepted and the job is stored whatever its value: the row is the job.
+
+use std::time::Duration;
 
 use axum::{
     body::Bytes,
-    extract::{rejection::BytesRejection, Path, State},
+    extract::{rejection::BytesRejection, Path, RawQuery, State},
     http::{HeaderMap, HeaderName, HeaderValue},
     response::{IntoResponse, Response},
-    routing::{get, post},
-    Json, Router,
+    Json,
 };
+use serde_json::{json, Value};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::{bearer, body_error, object::response_object, ApiError, AppState};
+use super::{
+    bearer, body_error, input_items,
+    object::response_object,
+    openapi::{Deleted, ErrorBody, ResponseObject, StreamEventData},
+    query_pairs,
+    stream::Follower,
+    ApiError, AppState,
+};
 use crate::{
     admission::{Admitted, Quota, RateReport, Rejection, Submission},
     ids::JobId,
     queue::outbox,
-    request::{CreateResponse, InvalidRequest},
+    request::CreateResponse,
     store::{
-        jobs::{self, Cancelled},
+        jobs::{self, Cancelled, JobRow},
         keys::{self, ApiKey},
     },
 };
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/responses", post(create))
-        .route("/v1/responses/{id}", get(retrieve))
-        .route("/v1/responses/{id}/cancel", post(cancel))
+/// The routes, each documented by its handler's `#[utoipa::path]`.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create))
+        .routes(routes!(retrieve, delete))
+        .routes(routes!(cancel))
+        .routes(routes!(input_items::list))
+}
+
+/// How the answer to a create follows the admitted job.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Background,
+    Stream,
+    Wait,
 }
 
 fn missing_key() -> ApiError {
@@ -36,7 +66,10 @@ fn missing_key() -> ApiError {
 }
 
 /// The caller's live key, or 401.
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<ApiKey, ApiError> {
+pub(super) async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<ApiKey, ApiError> {
     let secret = bearer(headers).ok_or_else(missing_key)?;
     Ok(keys::find_live(&state.pool, secret)
         .await?
@@ -54,6 +87,28 @@ async fn owned_id(
     Ok((key, job_id))
 }
 
+/// Creates a response: admission, then the job. The answer follows `background` and `stream`.
+#[utoipa::path(
+    post, path = "/v1/responses", tag = "responses", security(("api_key" = [])),
+    request_body = CreateResponse,
+    params(("Idempotency-Key" = Option<String>, Header,
+            description = "The same key and idempotency key return the first job.")),
+    responses(
+        (status = 200, description = "The Response object: `queued` with `background: true`, \
+            finished (or as it stands after `server.sync_wait_seconds`) without; with \
+            `stream: true` the event stream.",
+         content((ResponseObject = "application/json"),
+                 (StreamEventData = "text/event-stream"))),
+        (status = 400, description = "Invalid body, naming `param`; or a guardrail refused it",
+         body = ErrorBody),
+        (status = 401, description = "No key, or an invalid one", body = ErrorBody),
+        (status = 403, description = "The key may not use the model", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 413, description = "Body over `server.max_body_bytes`", body = ErrorBody),
+        (status = 422, description = "Idempotency-Key reused with another body", body = ErrorBody),
+        (status = 429, description = "A rate limit, jobs in flight, or the budget", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all)]
 async fn create(
     State(state): State<AppState>,
@@ -76,22 +131,12 @@ async fn create(
             })
         }
     };
-    let parsed = CreateResponse::parse(&body).and_then(|(request, raw)| {
-        if request.background != Some(true) {
-            return Err(InvalidRequest {
-                message: "Only background mode is served: set \"background\": true.".into(),
-                param: Some("background".into()),
-            });
-        }
-        if request.stream == Some(true) {
-            return Err(InvalidRequest {
-                message: "Streaming is not served yet: leave \"stream\" unset or false and poll."
-                    .into(),
-                param: Some("stream".into()),
-            });
-        }
-        Ok((request, raw))
-    });
+    let parsed = CreateResponse::parse(&body);
+    let mode = match &parsed {
+        Ok((request, _)) if request.stream == Some(true) => Mode::Stream,
+        Ok((request, _)) if request.background == Some(true) => Mode::Background,
+        _ => Mode::Wait,
+    };
     let decision = state
         .admission
         .admit(Submission {
@@ -100,7 +145,7 @@ async fn create(
             idempotency_key,
         })
         .await;
-    let mut response = match decision.result {
+    let job = match decision.result {
         Ok(Admitted::New {
             job,
             outbox_id,
@@ -118,13 +163,44 @@ async fn create(
                     tracing::warn!(job_id = %job.id, error = %e, "publish failed; the outbox relay will retry");
                 }
             }
-            Json(response_object(&job)).into_response()
+            job
         }
-        Ok(Admitted::Replayed(job)) => Json(response_object(&job)).into_response(),
-        Err(rejection) => ApiError::from(rejection).into_response(),
+        Ok(Admitted::Replayed(job)) => job,
+        Err(rejection) => {
+            let mut response = ApiError::from(rejection).into_response();
+            add_rate_headers(response.headers_mut(), &decision.rates);
+            return Ok(response);
+        }
+    };
+    let mut response = match mode {
+        Mode::Background => Json(response_object(&job)).into_response(),
+        Mode::Stream => Follower::new(state, job.id, job.key_id, None).into_sse(),
+        Mode::Wait => Json(response_object(&wait_finished(&state, job).await?)).into_response(),
     };
     add_rate_headers(response.headers_mut(), &decision.rates);
     Ok(response)
+}
+
+/// The job once finished, or as it stands after `server.sync_wait_seconds` (or at shutdown).
+async fn wait_finished(state: &AppState, job: JobRow) -> Result<JobRow, ApiError> {
+    let mut subscription = state.watch.subscribe(job.id);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(state.config.server.sync_wait_seconds);
+    loop {
+        let current = jobs::get_for_key(&state.pool, job.id, job.key_id)
+            .await?
+            .ok_or_else(|| ApiError::job_not_found(&job.id.to_string()))?;
+        if current.status.is_terminal() {
+            return Ok(current);
+        }
+        match tokio::time::timeout_at(deadline, subscription.changed()).await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                tracing::info!(job_id = %job.id, "stopped waiting; answering the job as it stands");
+                return Ok(current);
+            }
+        }
+    }
 }
 
 /// OpenAI's `x-ratelimit-*` headers for the key's windows that have a limit.
@@ -147,21 +223,110 @@ fn add_rate_headers(headers: &mut HeaderMap, rates: &RateReport) {
     put("tokens", &rates.tokens);
 }
 
+/// The Response object; with `?stream=true`, its event stream after `starting_after` (all of it
+/// when absent), replayed from the rows and then followed live until the terminal event.
+#[utoipa::path(
+    get, path = "/v1/responses/{id}", tag = "responses", security(("api_key" = [])),
+    params(
+        ("id" = String, Path, description = "The response id, `resp_…`"),
+        ("stream" = Option<bool>, Query, description = "Answer the event stream"),
+        ("starting_after" = Option<u64>, Query,
+         description = "With `stream`: only the events after this sequence number"),
+    ),
+    responses(
+        (status = 200, description = "The Response object, or its event stream",
+         content((ResponseObject = "application/json"),
+                 (StreamEventData = "text/event-stream"))),
+        (status = 400, description = "Invalid `stream` or `starting_after`", body = ErrorBody),
+        (status = 401, description = "No key, or an invalid one", body = ErrorBody),
+        (status = 404, description = "No such response for this key", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, fields(job_id = %id))]
 async fn retrieve(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let (key, job_id) = owned_id(&state, &headers, &id).await?;
+    let key = authenticate(&state, &headers).await?;
+    let query = query_pairs(query);
+    let stream = match query.get("stream").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return Err(invalid_param(
+                "`stream` must be `true` or `false`.",
+                "stream",
+            ))
+        }
+    };
+    let starting_after = match query.get("starting_after") {
+        None => None,
+        Some(n) => Some(n.parse::<u64>().map_err(|_| {
+            invalid_param(
+                "`starting_after` must be a non-negative integer.",
+                "starting_after",
+            )
+        })?),
+    };
+    let job_id = JobId::parse_public(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
     let job = jobs::get_for_key(&state.pool, job_id, key.id)
         .await?
         .ok_or_else(|| ApiError::job_not_found(&id))?;
+    if stream {
+        return Ok(Follower::new(state, job.id, key.id, starting_after).into_sse());
+    }
     Ok(Json(response_object(&job)).into_response())
+}
+
+fn invalid_param(message: &str, param: &str) -> ApiError {
+    ApiError::InvalidRequest {
+        message: message.into(),
+        param: Some(param.into()),
+    }
+}
+
+/// Deletes a job of the caller's key, finished or not (an unfinished one stops, and gives back
+/// what admission took).
+#[utoipa::path(
+    delete, path = "/v1/responses/{id}", tag = "responses", security(("api_key" = [])),
+    params(("id" = String, Path, description = "The response id, `resp_…`")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 401, description = "No key, or an invalid one", body = ErrorBody),
+        (status = 404, description = "No such response for this key", body = ErrorBody),
+    )
+)]
+#[tracing::instrument(skip_all, fields(job_id = %id))]
+async fn delete(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let key = authenticate(&state, &headers).await?;
+    let job_id = JobId::parse_public(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
+    if !jobs::delete_for_key(&state.pool, job_id, key.id).await? {
+        return Err(ApiError::job_not_found(&id));
+    }
+    tracing::info!(job_id = %job_id, "deleted");
+    Ok(Json(
+        json!({"id": job_id.to_string(), "object": "response", "deleted": true}),
+    ))
 }
 
 /// Cancels a queued or running job. Cancelling a cancelled job answers it again; cancelling a job
 /// that finished otherwise is a 400, as with OpenAI.
+#[utoipa::path(
+    post, path = "/v1/responses/{id}/cancel", tag = "responses", security(("api_key" = [])),
+    params(("id" = String, Path, description = "The response id, `resp_…`")),
+    responses(
+        (status = 200, description = "The cancelled Response object", body = ResponseObject),
+        (status = 400, description = "The response already finished otherwise", body = ErrorBody),
+        (status = 401, description = "No key, or an invalid one", body = ErrorBody),
+        (status = 404, description = "No such response for this key", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, fields(job_id = %id))]
 async fn cancel(
     State(state): State<AppState>,

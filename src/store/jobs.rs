@@ -381,3 +381,69 @@ pub async fn rescue_lapsed_leases(
     tx.commit().await?;
     Ok(rescued.into_iter().map(|(id, _)| id).collect())
 }
+
+/// Deletes the job `id` of `key_id` (its events and outbox row go with it). An unfinished job's
+/// slot and reservation are given back by the `jobs_release_on_delete` trigger; its worker finds
+/// the row gone at its next write and stops. Returns false when there was no such job.
+#[tracing::instrument(skip_all, fields(job_id = %id, key_id = %key_id))]
+pub async fn delete_for_key(pool: &PgPool, id: JobId, key_id: KeyId) -> Result<bool, sqlx::Error> {
+    let deleted = sqlx::query("DELETE FROM tollgate.jobs WHERE id = $1 AND key_id = $2")
+        .bind(id)
+        .bind(key_id)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    Ok(deleted == 1)
+}
+
+/// The streamed deltas of one attempt of a job.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AttemptDeltas {
+    /// The deltas with index `from` onwards, in order.
+    pub deltas: Vec<String>,
+    /// How many deltas the attempt has written in all.
+    pub total: usize,
+}
+
+/// The deltas of `attempt` with index `from` and later, and how many the attempt wrote. Rows of
+/// one attempt are written one after another by its single worker, so their ranges are contiguous.
+#[tracing::instrument(skip_all, fields(job_id = %id, attempt, from))]
+pub async fn attempt_deltas(
+    pool: &PgPool,
+    id: JobId,
+    attempt: i32,
+    from: usize,
+) -> Result<AttemptDeltas, sqlx::Error> {
+    let rows: Vec<(i32, i32, Vec<String>)> = sqlx::query_as(
+        "SELECT seq_first, seq_last, deltas FROM tollgate.job_events
+          WHERE job_id = $1 AND attempt = $2 AND seq_last >= $3
+          ORDER BY seq_first",
+    )
+    .bind(id)
+    .bind(attempt)
+    .bind(from as i32)
+    .fetch_all(pool)
+    .await?;
+    let total = match rows.last() {
+        Some((_, last, _)) => *last as usize + 1,
+        None => {
+            // No delta from `from` on when the rows were read; any counted now came later, and
+            // are left for the next read.
+            let total: i32 = sqlx::query_scalar(
+                "SELECT coalesce(max(seq_last) + 1, 0) FROM tollgate.job_events
+                  WHERE job_id = $1 AND attempt = $2",
+            )
+            .bind(id)
+            .bind(attempt)
+            .fetch_one(pool)
+            .await?;
+            (total as usize).min(from)
+        }
+    };
+    let mut deltas = Vec::new();
+    for (first, _, row) in rows {
+        let skip = from.saturating_sub(first as usize);
+        deltas.extend(row.into_iter().skip(skip));
+    }
+    Ok(AttemptDeltas { deltas, total })
+}

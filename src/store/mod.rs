@@ -3,6 +3,7 @@
 
 pub mod jobs;
 pub mod keys;
+pub mod notify;
 pub mod retention;
 
 use sqlx::{

@@ -1,0 +1,162 @@
+//! The official OpenAI Python SDK as a real client: `tests/sdk/test_openai_sdk.py` runs against
+//! the real front and worker. The SDK, pinned in `tests/sdk/requirements.txt`, is installed into
+//! `.venv` in the project directory on first run (and again whenever the requirements change).
+//! The README's SDK snippet runs too, as a user would copy it.
+
+mod common;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use common::TestEnv;
+use tollgate::{config::ModelConfig, store::keys::NewKey};
+
+fn project() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(command: &mut Command) {
+    let status = command
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    assert!(status.success(), "{command:?} failed: {status}");
+}
+
+/// The virtualenv's python, with the pinned requirements installed. A lock file serialises
+/// concurrent test runs; a copy of the requirements inside the venv marks a finished install.
+fn python_with_sdk() -> PathBuf {
+    let project = project();
+    let venv = project.join(".venv");
+    let python = venv.join("bin/python");
+    let requirements = project.join("tests/sdk/requirements.txt");
+    let wanted = fs::read_to_string(&requirements).expect("tests/sdk/requirements.txt");
+    let marker = venv.join("tollgate-requirements.txt");
+    let lock = fs::File::create(Path::new(env!("CARGO_TARGET_TMPDIR")).join("venv.lock"))
+        .expect("lock file");
+    lock.lock().expect("lock the venv");
+    if fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) && python.exists() {
+        return python;
+    }
+    let python3 = which("python3").unwrap_or_else(|| {
+        panic!(
+            "python3 is needed for the OpenAI SDK test: install it (Debian: apt-get install \
+             python3 python3-venv)"
+        )
+    });
+    if !python.exists() {
+        run(Command::new(python3).args(["-m", "venv"]).arg(&venv));
+    }
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(&requirements));
+    fs::write(&marker, wanted).expect("write the venv marker");
+    python
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|p| Path::new(p).is_file())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_sdk_works_unchanged() {
+    let python = tokio::task::spawn_blocking(python_with_sdk).await.unwrap();
+    let slow = ModelConfig {
+        mock_deltas: 200,
+        mock_delay_ms: 50,
+        ..ModelConfig::mock("mock-slow")
+    };
+    let env = TestEnv::start(vec![ModelConfig::mock("mock-1"), slow]).await;
+    let key = env.key().await;
+    let limited = env
+        .create_key(NewKey {
+            name: "limited".into(),
+            rpm_limit: Some(1),
+            ..Default::default()
+        })
+        .await;
+    common::leave_room_in_minute(20).await;
+    let expected: String = (0..20).map(tollgate::provider::mock_delta).collect();
+    let output = tokio::process::Command::new(python)
+        .arg(project().join("tests/sdk/test_openai_sdk.py"))
+        .env("TOLLGATE_BASE_URL", env.url("/v1"))
+        .env("TOLLGATE_KEY", &key)
+        .env("TOLLGATE_LIMITED_KEY", &limited)
+        .env("TOLLGATE_EXPECTED_TEXT", &expected)
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .output()
+        .await
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    eprintln!("{stderr}");
+    assert!(
+        output.status.success(),
+        "the SDK script failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+}
+
+/// The Python block of the README's "With the OpenAI SDK" section, aimed at `base_url` with `key`.
+fn readme_snippet(base_url: &str, key: &str) -> String {
+    let readme = fs::read_to_string(project().join("README.md")).expect("README.md");
+    let section = readme
+        .split("## With the OpenAI SDK")
+        .nth(1)
+        .expect("the README has the SDK section");
+    let code = section
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the SDK section has a Python block");
+    assert!(code.contains("\"http://127.0.0.1:8080/v1\"") && code.contains("\"sk-tg-…\""));
+    code.replace("\"http://127.0.0.1:8080/v1\"", &format!("{base_url:?}"))
+        .replace("\"sk-tg-…\"", &format!("{key:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_python_snippet_runs() {
+    let python = tokio::task::spawn_blocking(python_with_sdk).await.unwrap();
+    // Slow enough that the snippet's cancel finds its job unfinished.
+    let env = TestEnv::start(vec![ModelConfig {
+        mock_delay_ms: 50,
+        ..ModelConfig::mock("mock-1")
+    }])
+    .await;
+    let key = env.key().await;
+    let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join("readme_snippet.py");
+    fs::write(&script, readme_snippet(&env.url("/v1"), &key)).unwrap();
+    let output = tokio::process::Command::new(python)
+        .arg(&script)
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .output()
+        .await
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the README snippet failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    let expected: String = (0..20).map(tollgate::provider::mock_delta).collect();
+    assert!(stdout.contains(&expected), "{stdout}");
+    assert!(stdout.contains("cancelled\nNever mind\n"), "{stdout}");
+}
