@@ -54,6 +54,9 @@ pub enum ApiError {
     /// 429 `insufficient_quota`: the key's budget cannot cover the request.
     #[error("{0}")]
     InsufficientQuota(String),
+    /// 503: PostgreSQL is out of reach; nothing was written, the client may retry.
+    #[error("The service is temporarily unavailable. Please retry shortly.")]
+    Unavailable,
     /// 500: logged, answered without details.
     #[error("internal error: {0}")]
     Internal(#[from] anyhow::Error),
@@ -70,8 +73,15 @@ impl ApiError {
 }
 
 impl From<sqlx::Error> for ApiError {
+    /// PostgreSQL out of reach is a 503 the client may retry; any other database error is a 500.
     fn from(e: sqlx::Error) -> Self {
-        ApiError::Internal(e.into())
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                tracing::warn!(error = %e, "PostgreSQL unavailable");
+                ApiError::Unavailable
+            }
+            other => ApiError::Internal(other.into()),
+        }
     }
 }
 
@@ -124,7 +134,7 @@ impl From<Rejection> for ApiError {
             Rejection::Budget { .. } => {
                 ApiError::InsufficientQuota(format!("You exceeded your current quota: {message}."))
             }
-            Rejection::Database(e) => ApiError::Internal(e.into()),
+            Rejection::Database(e) => e.into(),
         }
     }
 }
@@ -193,6 +203,12 @@ impl IntoResponse for ApiError {
                 None,
                 Some("insufficient_quota"),
             ),
+            ApiError::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                None,
+                Some("service_unavailable"),
+            ),
             ApiError::Internal(e) => {
                 tracing::error!(error = ?e, "internal error");
                 (
@@ -222,5 +238,18 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_out_of_reach_is_a_retryable_503_and_other_database_errors_a_500() {
+        let unavailable = ApiError::from(sqlx::Error::PoolTimedOut).into_response();
+        assert_eq!(unavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let broken = ApiError::from(sqlx::Error::RowNotFound).into_response();
+        assert_eq!(broken.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

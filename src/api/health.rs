@@ -22,7 +22,11 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let postgres = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
+    let probe = sqlx::query("SELECT 1").execute(&state.pool);
+    let postgres = matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(2), probe).await,
+        Ok(Ok(_))
+    );
     let rabbitmq = state.publisher.channel().await.is_ok();
     let status = if postgres && rabbitmq {
         StatusCode::OK

@@ -49,7 +49,7 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
     }
     PgPoolOptions::new()
         .max_connections(config.max_connections)
-        .acquire_timeout(std::time::Duration::from_secs(10))
+        .acquire_timeout(std::time::Duration::from_secs(5))
         .connect(&config.url)
         .await
         .map_err(connect_err)
