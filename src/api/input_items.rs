@@ -15,13 +15,12 @@ use serde_json::{json, Value};
 use super::{
     openapi::{ErrorBody, InputItemList},
     query_pairs,
-    responses::authenticate,
+    responses::owned_job,
     ApiError, AppState,
 };
 use crate::{
-    ids::JobId,
     request::{Content, CreateResponse, Input},
-    store::jobs::{self, JobRow},
+    store::jobs::JobRow,
 };
 
 /// The input items of a job, oldest first, each with a stable id `msg_<job>_<index>`.
@@ -129,10 +128,6 @@ pub(super) async fn list(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let key = authenticate(&state, &headers).await?;
-    let job_id = JobId::parse_public(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
-    let job = jobs::get_for_key(&state.pool, job_id, key.id)
-        .await?
-        .ok_or_else(|| ApiError::job_not_found(&id))?;
+    let (_, job) = owned_job(&state, &headers, &id).await?;
     Ok(Json(page(input_items(&job)?, &query_pairs(query))?))
 }

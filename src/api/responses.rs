@@ -77,7 +77,7 @@ pub(super) async fn authenticate(
 }
 
 /// The caller's key and the job id of the path (404 for what is not a job id).
-async fn owned_id(
+pub(super) async fn owned_id(
     state: &AppState,
     headers: &HeaderMap,
     id: &str,
@@ -85,6 +85,19 @@ async fn owned_id(
     let key = authenticate(state, headers).await?;
     let job_id = JobId::parse_public(id).ok_or_else(|| ApiError::job_not_found(id))?;
     Ok((key, job_id))
+}
+
+/// The caller's key and its job named by the path (404 when the key has no such job).
+pub(super) async fn owned_job(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<(ApiKey, JobRow), ApiError> {
+    let (key, job_id) = owned_id(state, headers, id).await?;
+    let job = jobs::get_for_key(&state.pool, job_id, key.id)
+        .await?
+        .ok_or_else(|| ApiError::job_not_found(id))?;
+    Ok((key, job))
 }
 
 /// Creates a response: admission, then the job. The answer follows `background` and `stream`.
@@ -249,7 +262,7 @@ async fn retrieve(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let key = authenticate(&state, &headers).await?;
+    let (key, job) = owned_job(&state, &headers, &id).await?;
     let query = query_pairs(query);
     let stream = match query.get("stream").map(String::as_str) {
         None | Some("false") => false,
@@ -270,10 +283,6 @@ async fn retrieve(
             )
         })?),
     };
-    let job_id = JobId::parse_public(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
-    let job = jobs::get_for_key(&state.pool, job_id, key.id)
-        .await?
-        .ok_or_else(|| ApiError::job_not_found(&id))?;
     if stream {
         return Ok(Follower::new(state, job.id, key.id, starting_after).into_sse());
     }
@@ -304,8 +313,7 @@ async fn delete(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let key = authenticate(&state, &headers).await?;
-    let job_id = JobId::parse_public(&id).ok_or_else(|| ApiError::job_not_found(&id))?;
+    let (key, job_id) = owned_id(&state, &headers, &id).await?;
     if !jobs::delete_for_key(&state.pool, job_id, key.id).await? {
         return Err(ApiError::job_not_found(&id));
     }
