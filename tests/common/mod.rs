@@ -389,7 +389,8 @@ impl Drop for TestEnv {
             .map(|level| amqp.retry_queue(level))
             .collect();
         // Clean up on a thread of its own: Drop cannot await, and the test's runtime may be
-        // shutting down.
+        // shutting down. The broker is always the test broker, even when the test pointed the
+        // front elsewhere (a test may have declared the topology there later).
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -404,7 +405,7 @@ impl Drop for TestEnv {
                             .await;
                 }
                 if let Ok(conn) =
-                    Connection::connect(&amqp.url, ConnectionProperties::default()).await
+                    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
                 {
                     if let Ok(ch) = conn.create_channel().await {
                         for q in [&amqp.queue, &amqp.dead_letter_queue]
