@@ -74,16 +74,23 @@ host    all             postgres        ::1/128                 trust' "$hba"
     fi
 }
 
-pg_wait() {
-    local deadline=$((SECONDS + PG_WAIT))
-    until pg_ready; do
+# wait_for CHECK SECONDS MESSAGE HINT: waits until CHECK succeeds, or exits 1 saying MESSAGE and
+# HINT after SECONDS.
+wait_for() {
+    local check=$1 limit=$2 message=$3 hint=$4
+    local deadline=$((SECONDS + limit))
+    until "$check"; do
         if [ "$SECONDS" -ge "$deadline" ]; then
-            log "error: postgres did not accept connections on 127.0.0.1:5432 within ${PG_WAIT}s;" \
-                "see the logs in /var/log/postgresql"
+            log "error: $message within ${limit}s; $hint"
             exit 1
         fi
         sleep 1
     done
+}
+
+pg_wait() {
+    wait_for pg_ready "$PG_WAIT" "postgres did not accept connections on 127.0.0.1:5432" \
+        "see the logs in /var/log/postgresql"
 }
 
 ensure_postgres() {
@@ -135,15 +142,8 @@ rabbit_start() {
 }
 
 rabbit_wait() {
-    local deadline=$((SECONDS + RABBIT_WAIT))
-    until rabbit_ready; do
-        if [ "$SECONDS" -ge "$deadline" ]; then
-            log "error: rabbitmq did not accept connections on 127.0.0.1:5672 within" \
-                "${RABBIT_WAIT}s; see the logs in /var/log/rabbitmq"
-            exit 1
-        fi
-        sleep 1
-    done
+    wait_for rabbit_ready "$RABBIT_WAIT" "rabbitmq did not accept connections on 127.0.0.1:5672" \
+        "see the logs in /var/log/rabbitmq"
 }
 
 ensure_rabbitmq() {

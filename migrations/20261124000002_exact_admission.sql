@@ -28,12 +28,10 @@ CREATE TABLE tollgate.model_rate_windows (
     PRIMARY KEY (model, window_start)
 );
 
--- `admitted_tokens`: what admission counted in the TPM windows (the correction's baseline).
 -- `charged_micro_usd`: what the key's spend was charged, the real cost capped at the reservation
 -- so spend can never pass the budget; `cost_micro_usd` stays the real cost.
 -- `idempotency_key` / `request_hash`: the client's Idempotency-Key and the SHA-256 of the body.
 ALTER TABLE tollgate.jobs
-    ADD COLUMN admitted_tokens   bigint NOT NULL DEFAULT 0,
     ADD COLUMN charged_micro_usd bigint,
     ADD COLUMN idempotency_key   text,
     ADD COLUMN request_hash      bytea;
@@ -52,7 +50,8 @@ CREATE TABLE tollgate.rejections (
 
 -- Gives back what admission took when a job leaves `queued`/`in_progress` for a terminal state:
 -- the in-flight slot, the budget reservation (replaced by the charged cost), and the TPM windows'
--- estimate (replaced by the real usage, when known). Runs once per job: a terminal state is final.
+-- estimate, `estimated_input_tokens` (replaced by the real usage, when known). Runs once per job:
+-- a terminal state is final.
 CREATE FUNCTION tollgate.release_admission() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     charged bigint := least(coalesce(NEW.cost_micro_usd, 0), NEW.reserved_micro_usd);
@@ -65,7 +64,7 @@ BEGIN
            spent_micro_usd = spent_micro_usd + charged
      WHERE key_id = NEW.key_id AND slot = NEW.counter_slot;
     IF NEW.input_tokens IS NOT NULL AND NEW.output_tokens IS NOT NULL THEN
-        correction := NEW.input_tokens + NEW.output_tokens - NEW.admitted_tokens;
+        correction := NEW.input_tokens + NEW.output_tokens - NEW.estimated_input_tokens;
         UPDATE tollgate.rate_windows
            SET tokens = greatest(0, tokens + correction)
          WHERE key_id = NEW.key_id AND slot = NEW.counter_slot

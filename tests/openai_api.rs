@@ -57,12 +57,24 @@ async fn read_sse(resp: reqwest::Response) -> Vec<Sse> {
 }
 
 async fn stream_of(env: &TestEnv, key: &str, id: &str, starting_after: Option<u64>) -> Vec<Sse> {
+    follow(env, key, id, starting_after).await.unwrap()
+}
+
+/// A follower of a job's stream, reading it to its end in a task of its own.
+fn follow(
+    env: &TestEnv,
+    key: &str,
+    id: &str,
+    starting_after: Option<u64>,
+) -> tokio::task::JoinHandle<Vec<Sse>> {
     let mut url = env.url(&format!("/v1/responses/{id}?stream=true"));
     if let Some(n) = starting_after {
         url.push_str(&format!("&starting_after={n}"));
     }
-    let resp = env.http.get(url).bearer_auth(key).send().await.unwrap();
-    read_sse(resp).await
+    let (http, key) = (env.http.clone(), key.to_string());
+    tokio::spawn(
+        async move { read_sse(http.get(url).bearer_auth(key).send().await.unwrap()).await },
+    )
 }
 
 fn types(events: &[Sse]) -> Vec<&str> {
@@ -172,21 +184,9 @@ async fn several_live_followers_see_one_stream_woken_by_notify() {
     let id = env.submit_ok(&key, "mock-1", "follow me").await;
 
     // Followers joining before the worker runs, and with various resume points.
-    let (base, http) = (env.url(""), env.http.clone());
-    let follow = |after: Option<u64>| {
-        let (base, http, key, id) = (base.clone(), http.clone(), key.clone(), id.clone());
-        tokio::spawn(async move {
-            let mut url = format!("{base}/v1/responses/{id}?stream=true");
-            if let Some(n) = after {
-                url.push_str(&format!("&starting_after={n}"));
-            }
-            let resp = http.get(url).bearer_auth(key).send().await.unwrap();
-            read_sse(resp).await
-        })
-    };
     let early: Vec<_> = [None, None, Some(0), Some(3)]
         .into_iter()
-        .map(follow)
+        .map(|after| follow(&env, &key, &id, after))
         .collect();
     env.start_worker();
     // A follower joining mid-stream.
@@ -212,8 +212,8 @@ async fn several_live_followers_see_one_stream_woken_by_notify() {
         .await
         .unwrap();
     assert_eq!(status, "in_progress", "the job should still be running");
-    let late = follow(None);
-    let late_resumed = follow(Some(7));
+    let late = follow(&env, &key, &id, None);
+    let late_resumed = follow(&env, &key, &id, Some(7));
 
     let mut streams = Vec::new();
     for handle in early {
@@ -335,16 +335,7 @@ async fn a_job_cancelled_while_queued_streams_to_its_end() {
     let env = TestEnv::front_only(vec![ModelConfig::mock("mock-1")]).await;
     let key = env.key().await;
     let id = env.submit_ok(&key, "mock-1", "never run").await;
-    let follower = {
-        let (url, http, key) = (
-            env.url(&format!("/v1/responses/{id}?stream=true")),
-            env.http.clone(),
-            key.clone(),
-        );
-        tokio::spawn(
-            async move { read_sse(http.get(url).bearer_auth(key).send().await.unwrap()).await },
-        )
-    };
+    let follower = follow(&env, &key, &id, None);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (status, body) = env
         .post_empty(&key, &format!("/v1/responses/{id}/cancel"))
@@ -472,16 +463,7 @@ async fn a_follower_of_a_deleted_job_ends() {
     let env = TestEnv::front_with(config).await;
     let key = env.key().await;
     let id = env.submit_ok(&key, "mock-1", "gone soon").await;
-    let follower = {
-        let (url, http, key) = (
-            env.url(&format!("/v1/responses/{id}?stream=true")),
-            env.http.clone(),
-            key.clone(),
-        );
-        tokio::spawn(
-            async move { read_sse(http.get(url).bearer_auth(key).send().await.unwrap()).await },
-        )
-    };
+    let follower = follow(&env, &key, &id, None);
     tokio::time::sleep(Duration::from_millis(200)).await;
     env.http
         .delete(env.url(&format!("/v1/responses/{id}")))

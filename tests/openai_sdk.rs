@@ -90,27 +90,42 @@ async fn the_official_python_sdk_works_unchanged() {
         .await;
     common::leave_room_in_minute(20).await;
     let expected: String = (0..20).map(tollgate::provider::mock_delta).collect();
+    let stdout = run_python(
+        &python,
+        &project().join("tests/sdk/test_openai_sdk.py"),
+        &[
+            ("TOLLGATE_BASE_URL", env.url("/v1").as_str()),
+            ("TOLLGATE_KEY", &key),
+            ("TOLLGATE_LIMITED_KEY", &limited),
+            ("TOLLGATE_EXPECTED_TEXT", &expected),
+        ],
+    )
+    .await;
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+}
+
+/// Runs a Python script with these environment variables (and no OpenAI ones of the caller's),
+/// asserts it succeeded, and returns its standard output.
+async fn run_python(python: &Path, script: &Path, vars: &[(&str, &str)]) -> String {
     let output = tokio::process::Command::new(python)
-        .arg(project().join("tests/sdk/test_openai_sdk.py"))
-        .env("TOLLGATE_BASE_URL", env.url("/v1"))
-        .env("TOLLGATE_KEY", &key)
-        .env("TOLLGATE_LIMITED_KEY", &limited)
-        .env("TOLLGATE_EXPECTED_TEXT", &expected)
+        .arg(script)
+        .envs(vars.iter().copied())
         .env_remove("OPENAI_API_KEY")
         .env_remove("OPENAI_BASE_URL")
         .output()
         .await
         .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("{stdout}");
     eprintln!("{stderr}");
     assert!(
         output.status.success(),
-        "the SDK script failed ({}):\n{stdout}\n{stderr}",
+        "{} failed ({}):\n{stdout}\n{stderr}",
+        script.display(),
         output.status
     );
-    assert!(stdout.contains("all checks passed"), "{stdout}");
+    stdout
 }
 
 /// The Python block of the README's "With the OpenAI SDK" section, aimed at `base_url` with `key`.
@@ -142,20 +157,7 @@ async fn the_readme_python_snippet_runs() {
     let key = env.key().await;
     let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join("readme_snippet.py");
     fs::write(&script, readme_snippet(&env.url("/v1"), &key)).unwrap();
-    let output = tokio::process::Command::new(python)
-        .arg(&script)
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("OPENAI_BASE_URL")
-        .output()
-        .await
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "the README snippet failed ({}):\n{stdout}\n{stderr}",
-        output.status
-    );
+    let stdout = run_python(&python, &script, &[]).await;
     let expected: String = (0..20).map(tollgate::provider::mock_delta).collect();
     assert!(stdout.contains(&expected), "{stdout}");
     assert!(stdout.contains("cancelled\nNever mind\n"), "{stdout}");

@@ -201,7 +201,12 @@ impl Window {
 /// model's prices.
 pub fn worst_case_cost(model: &ModelConfig, request: &CreateResponse) -> MicroUsd {
     let input = tokens::estimate(tokens::tokenizer_for(model), &request.messages());
-    let output = request.max_output_tokens.unwrap_or(model.max_output_tokens);
+    reservation(model, input, request.max_output_tokens)
+}
+
+/// The worst-case cost of an input already estimated.
+fn reservation(model: &ModelConfig, input: tokens::Estimate, max_output: Option<u32>) -> MicroUsd {
+    let output = max_output.unwrap_or(model.max_output_tokens);
     model.cost(input.upper_bound as u64, output as u64)
 }
 
@@ -266,7 +271,7 @@ impl Admission {
             .await
             .map_err(Rejection::Guardrail)?;
         let request_hash = Sha256::digest(serde_json::to_vec(&raw).expect("JSON serialises"));
-        let reserve = worst_case_cost(model, &request);
+        let reserve = reservation(model, estimate, request.max_output_tokens);
 
         let mut tx = self.pool.begin().await?;
         let locked = lock_key(&mut tx, key.id).await?;
@@ -360,7 +365,6 @@ impl Admission {
                 request_hash: &request_hash,
                 idempotency_key: submission.idempotency_key,
                 estimated_input_tokens: estimate.tokens as i32,
-                admitted_tokens: tokens,
                 reserved: reserve,
                 counter_slot: 0,
                 outbox_payload: &outbox_payload,

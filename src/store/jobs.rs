@@ -23,9 +23,9 @@ pub struct NewJob<'a> {
     pub request: &'a Value,
     pub request_hash: &'a [u8],
     pub idempotency_key: Option<&'a str>,
+    /// Input tokens counted in the TPM windows at admission (replaced by the real usage when the
+    /// job finishes).
     pub estimated_input_tokens: i32,
-    /// Tokens counted in the TPM windows at admission.
-    pub admitted_tokens: i64,
     pub reserved: MicroUsd,
     pub counter_slot: i16,
     pub outbox_payload: &'a Value,
@@ -46,8 +46,8 @@ pub async fn insert_admitted(
          ), job AS (
              INSERT INTO tollgate.jobs
                  (id, key_id, model, request, estimated_input_tokens, reserved_micro_usd,
-                  counter_slot, admitted_tokens, idempotency_key, request_hash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $10, $11)
+                  counter_slot, idempotency_key, request_hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $10)
              RETURNING id, created_at
          )
          INSERT INTO tollgate.outbox (job_id, payload)
@@ -62,7 +62,6 @@ pub async fn insert_admitted(
     .bind(job.reserved.0)
     .bind(job.counter_slot)
     .bind(Json(job.outbox_payload))
-    .bind(job.admitted_tokens)
     .bind(job.idempotency_key)
     .bind(job.request_hash)
     .fetch_one(conn)

@@ -254,14 +254,17 @@ async fn stream_into_rows(
                 if !batch.flush(worker, id, attempt).await? {
                     return Ok(StreamEnd::Fenced);
                 }
+                // A flush renews the lease: the heartbeat is only for silent stretches.
+                heartbeat.reset();
             }
             chunk = chunks.next() => match chunk {
                 Some(Ok(Chunk::Delta(text))) => {
                     batch.push(text, settings.flush_interval());
-                    if batch.pending.len() >= settings.flush_max_deltas
-                        && !batch.flush(worker, id, attempt).await?
-                    {
-                        return Ok(StreamEnd::Fenced);
+                    if batch.pending.len() >= settings.flush_max_deltas {
+                        if !batch.flush(worker, id, attempt).await? {
+                            return Ok(StreamEnd::Fenced);
+                        }
+                        heartbeat.reset();
                     }
                 }
                 Some(Ok(Chunk::Usage { input_tokens, output_tokens })) => {
