@@ -3,7 +3,11 @@
 //! (`TOLLGATE_LISTEN`). Models are declared LiteLLM-style: a public name mapped to a provider, the
 //! upstream model, its base URL, the env var holding its API key and its prices.
 
-use std::{collections::HashMap, path::Path, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -222,8 +226,37 @@ impl WorkerConfig {
 pub enum ProviderKind {
     /// Deterministic streamed text; needs no network and no key.
     Mock,
-    /// Any OpenAI-compatible `POST {base_url}/chat/completions` with `stream: true`.
+    /// Any OpenAI-compatible `POST {base_url}/chat/completions` with `stream: true` (OpenAI,
+    /// Azure OpenAI, OpenRouter, vLLM, Ollama, …).
     Openai,
+    /// An upstream speaking OpenAI's Responses API: `POST {base_url}/responses`, `stream: true`.
+    OpenaiResponses,
+    /// Anthropic's Messages API: `POST {base_url}/messages`, `stream: true`.
+    Anthropic,
+}
+
+impl ProviderKind {
+    /// The name used in configuration, logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ProviderKind::Mock => "mock",
+            ProviderKind::Openai => "openai",
+            ProviderKind::OpenaiResponses => "openai_responses",
+            ProviderKind::Anthropic => "anthropic",
+        }
+    }
+}
+
+/// The field of a chat completions request that carries the output cap. OpenAI's current models
+/// take `max_completion_tokens` (its o-series refuse `max_tokens`); many compatible servers still
+/// read only `max_tokens`; `both` sends the two.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CapField {
+    #[default]
+    MaxCompletionTokens,
+    MaxTokens,
+    Both,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -238,6 +271,21 @@ pub struct ModelConfig {
     pub base_url: Option<String>,
     /// Environment variable that holds the upstream API key.
     pub api_key_env: Option<String>,
+    /// Header that carries the key as it is (e.g. `api-key` for Azure OpenAI). Default:
+    /// `Authorization: Bearer <key>`, or `x-api-key` for Anthropic.
+    pub api_key_header: Option<String>,
+    /// Headers sent with every upstream request (e.g. OpenRouter's `HTTP-Referer`).
+    #[serde(default)]
+    pub extra_headers: BTreeMap<String, String>,
+    /// Query parameters added to every upstream request (e.g. Azure's `api-version`).
+    #[serde(default)]
+    pub extra_query: BTreeMap<String, String>,
+    /// Chat completions only: which field carries the output cap.
+    #[serde(default)]
+    pub cap_field: CapField,
+    /// Anthropic only: the `anthropic-version` header.
+    #[serde(default = "default_anthropic_version")]
+    pub anthropic_version: String,
     /// Price in USD per one million input tokens.
     #[serde(default)]
     pub input_price_per_1m: f64,
@@ -245,7 +293,8 @@ pub struct ModelConfig {
     #[serde(default)]
     pub output_price_per_1m: f64,
     /// Output cap used for the worst-case budget reservation when a request sets no
-    /// `max_output_tokens` (and the most a request may ask for).
+    /// `max_output_tokens` (and the most a request may ask for). The cap a job was reserved for
+    /// is always sent upstream, so the reservation is the upstream's worst-case bill.
     #[serde(default = "default_max_output_tokens")]
     pub max_output_tokens: u32,
     /// Mock provider: number of deltas streamed.
@@ -261,7 +310,9 @@ pub struct ModelConfig {
     /// Upstream connect timeout, in seconds (a retryable failure).
     #[serde(default = "default_connect_timeout_seconds")]
     pub connect_timeout_seconds: u64,
-    /// Longest wait for the first delta, in seconds (a retryable failure).
+    /// Longest wait for the first delta, in seconds (a retryable failure). Reasoning models may
+    /// think for minutes before their first token: raise it for them. The job's lease is held
+    /// meanwhile, so a long wait never lets another worker call the upstream again.
     #[serde(default = "default_first_token_timeout_seconds")]
     pub first_token_timeout_seconds: u64,
     /// Requests per minute across all keys (protects the upstream's own limit).
@@ -284,6 +335,9 @@ pub enum TokenizerKind {
 
 fn default_max_output_tokens() -> u32 {
     4096
+}
+fn default_anthropic_version() -> String {
+    "2023-06-01".into()
 }
 fn default_mock_deltas() -> u32 {
     20
@@ -311,6 +365,11 @@ impl ModelConfig {
             upstream_model: None,
             base_url: None,
             api_key_env: None,
+            api_key_header: None,
+            extra_headers: BTreeMap::new(),
+            extra_query: BTreeMap::new(),
+            cap_field: CapField::default(),
+            anthropic_version: default_anthropic_version(),
             input_price_per_1m: 1.0,
             output_price_per_1m: 2.0,
             max_output_tokens: default_max_output_tokens(),
@@ -425,9 +484,16 @@ impl Config {
                     model.name
                 )));
             }
-            if model.provider == ProviderKind::Openai && model.base_url.is_none() {
+            if model.provider != ProviderKind::Mock && model.base_url.is_none() {
                 return Err(ConfigError::Invalid(format!(
-                    "model {:?} uses provider \"openai\" and needs base_url",
+                    "model {:?} uses provider {:?} and needs base_url",
+                    model.name,
+                    model.provider.as_str()
+                )));
+            }
+            if model.max_output_tokens == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "model {:?}: max_output_tokens must be at least 1",
                     model.name
                 )));
             }

@@ -7,7 +7,10 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::provider::{CallRequest, ChatMessage};
+use crate::{
+    config::ModelConfig,
+    provider::{CallRequest, ChatMessage},
+};
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct CreateResponse {
@@ -185,10 +188,18 @@ impl CreateResponse {
         messages
     }
 
-    pub fn call_request(&self) -> CallRequest {
+    /// The output cap of this request on `model`: its `max_output_tokens`, else the model's.
+    /// Admission reserves the budget for exactly this many output tokens, and the worker sends
+    /// exactly this cap upstream, so the reservation is the upstream's worst-case bill.
+    pub fn output_cap(&self, model: &ModelConfig) -> u32 {
+        self.max_output_tokens.unwrap_or(model.max_output_tokens)
+    }
+
+    /// What the model's provider is asked for.
+    pub fn call_request(&self, model: &ModelConfig) -> CallRequest {
         CallRequest {
             messages: self.messages(),
-            max_output_tokens: self.max_output_tokens,
+            max_output_tokens: self.output_cap(model),
             temperature: self.temperature,
             top_p: self.top_p,
         }

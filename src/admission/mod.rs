@@ -201,13 +201,13 @@ impl Window {
 /// model's prices.
 pub fn worst_case_cost(model: &ModelConfig, request: &CreateResponse) -> MicroUsd {
     let input = tokens::estimate(tokens::tokenizer_for(model), &request.messages());
-    reservation(model, input, request.max_output_tokens)
+    reservation(model, input, request)
 }
 
-/// The worst-case cost of an input already estimated.
-fn reservation(model: &ModelConfig, input: tokens::Estimate, max_output: Option<u32>) -> MicroUsd {
-    let output = max_output.unwrap_or(model.max_output_tokens);
-    model.cost(input.upper_bound as u64, output as u64)
+/// The worst-case cost of an input already estimated: its upper bound, and the output cap that
+/// the worker will send upstream ([`CreateResponse::output_cap`]).
+fn reservation(model: &ModelConfig, input: tokens::Estimate, request: &CreateResponse) -> MicroUsd {
+    model.cost(input.upper_bound as u64, request.output_cap(model) as u64)
 }
 
 impl Admission {
@@ -271,7 +271,7 @@ impl Admission {
             .await
             .map_err(Rejection::Guardrail)?;
         let request_hash = Sha256::digest(serde_json::to_vec(&raw).expect("JSON serialises"));
-        let reserve = reservation(model, estimate, request.max_output_tokens);
+        let reserve = reservation(model, estimate, &request);
 
         let mut tx = self.pool.begin().await?;
         let locked = lock_key(&mut tx, key.id).await?;

@@ -1,11 +1,13 @@
 //! The mock provider: deterministic text, a configured number of deltas with a configured pause
-//! before each, and usage computed from the request. For demos and tests; needs no key.
+//! before each, and usage computed from the request. For demos and tests; needs no key. Like a
+//! real model, it stops at the output cap (one token a delta) and then says so: a request whose
+//! `max_output_tokens` is below `mock_deltas` ends `incomplete`.
 
 use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::{CallRequest, Chunk, ChunkStream};
+use super::{CallRequest, Chunk, ChunkStream, StopReason};
 use crate::{config::ModelConfig, tokens};
 
 const WORDS: &[&str] = &[
@@ -30,10 +32,12 @@ pub fn delta(i: usize) -> String {
 }
 
 pub fn stream(model: &ModelConfig, request: &CallRequest) -> ChunkStream {
-    let cap = request
-        .max_output_tokens
-        .unwrap_or(model.max_output_tokens)
-        .min(model.mock_deltas);
+    let cap = request.max_output_tokens.min(model.mock_deltas);
+    let stop = if cap < model.mock_deltas {
+        StopReason::MaxOutputTokens
+    } else {
+        StopReason::Completed
+    };
     let delay = Duration::from_millis(model.mock_delay_ms);
     let input_tokens = tokens::estimate(tokens::tokenizer_for(model), &request.messages).tokens;
     let deltas = futures::stream::iter(0..cap as usize).then(move |i| async move {
@@ -42,11 +46,12 @@ pub fn stream(model: &ModelConfig, request: &CallRequest) -> ChunkStream {
         }
         Ok(Chunk::Delta(delta(i)))
     });
-    let usage = futures::stream::once(async move {
+    let end = futures::stream::iter([
         Ok(Chunk::Usage {
             input_tokens,
             output_tokens: cap,
-        })
-    });
-    Box::pin(deltas.chain(usage))
+        }),
+        Ok(Chunk::End(stop)),
+    ]);
+    Box::pin(deltas.chain(end))
 }

@@ -1,30 +1,55 @@
 //! OpenAI-compatible chat completions, streamed: `POST {base_url}/chat/completions` with
-//! `stream: true` and `stream_options.include_usage`, so the last chunk carries the usage.
+//! `stream: true` and `stream_options.include_usage`, so the last chunk before `[DONE]` carries the
+//! usage. The output cap goes in `max_completion_tokens`, `max_tokens` or both (the model's
+//! `cap_field`); Azure OpenAI, OpenRouter, vLLM and Ollama need only configuration (key header,
+//! extra headers, query parameters).
+//!
+//! The end marker is `data: [DONE]`; the stop reason is the `finish_reason` seen before it
+//! (`length` → cut off at the cap, `content_filter` → filtered, anything else → a natural end).
 
-use futures::StreamExt;
 use serde_json::{json, Value};
 
-use super::{sse::SseParser, CallRequest, Chunk, ChunkStream, ProviderError};
-use crate::config::ModelConfig;
+use super::{
+    http::{self, Decoder, KeyHeader},
+    sse::SseEvent,
+    CallRequest, Chunk, ChunkStream, ProviderError, StopReason,
+};
+use crate::config::{CapField, ModelConfig};
 
 pub async fn stream(
-    http: &reqwest::Client,
+    client: &reqwest::Client,
     model: &ModelConfig,
     request: &CallRequest,
 ) -> Result<ChunkStream, ProviderError> {
-    let base = model
-        .base_url
-        .as_deref()
-        .ok_or_else(|| ProviderError::Config(format!("model {} has no base_url", model.name)))?;
-    let url = format!("{}/chat/completions", base.trim_end_matches('/'));
+    let body = request_body(model, request);
+    let response = http::post_stream(
+        client,
+        model,
+        "/chat/completions",
+        &body,
+        KeyHeader::Bearer,
+        &[],
+    )
+    .await?;
+    Ok(http::decode_stream(response, ChatDecoder::default()))
+}
+
+/// The upstream request.
+fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
     let mut body = json!({
         "model": model.upstream_model(),
         "messages": request.messages,
         "stream": true,
         "stream_options": {"include_usage": true},
     });
-    if let Some(max) = request.max_output_tokens {
-        body["max_tokens"] = json!(max);
+    let cap = json!(request.max_output_tokens);
+    match model.cap_field {
+        CapField::MaxCompletionTokens => body["max_completion_tokens"] = cap,
+        CapField::MaxTokens => body["max_tokens"] = cap,
+        CapField::Both => {
+            body["max_completion_tokens"] = cap.clone();
+            body["max_tokens"] = cap;
+        }
     }
     if let Some(t) = request.temperature {
         body["temperature"] = json!(t);
@@ -32,115 +57,120 @@ pub async fn stream(
     if let Some(p) = request.top_p {
         body["top_p"] = json!(p);
     }
-    // No request timeout here: the worker enforces the model's total and first-token deadlines
-    // itself, so that each ends the job the way it should (a total timeout is final, a slow first
-    // token is retried).
-    let mut call = http.post(&url).json(&body);
-    if let Some(var) = &model.api_key_env {
-        let key = std::env::var(var).map_err(|_| {
-            ProviderError::Config(format!("environment variable {var} (API key) is not set"))
-        })?;
-        call = call.bearer_auth(key);
-    }
-    let response = call.send().await.map_err(transport_error)?;
-    let status = response.status();
-    if !status.is_success() {
-        let body = response.text().await.unwrap_or_default();
-        return Err(ProviderError::Status {
-            status: status.as_u16(),
-            body: body.chars().take(2000).collect(),
-        });
-    }
-
-    let mut parser = SseParser::default();
-    let mut finished = false;
-    let chunks = response
-        .bytes_stream()
-        .map(move |bytes| -> Vec<Result<Chunk, ProviderError>> {
-            if finished {
-                return Vec::new();
-            }
-            let bytes = match bytes {
-                Ok(b) => b,
-                Err(e) => return vec![Err(transport_error(e))],
-            };
-            let mut out = Vec::new();
-            for data in parser.push(&bytes) {
-                if data.trim() == "[DONE]" {
-                    finished = true;
-                    break;
-                }
-                match parse_chunk(&data) {
-                    Ok(mut parsed) => out.append(&mut parsed),
-                    Err(e) => {
-                        out.push(Err(e));
-                        finished = true;
-                        break;
-                    }
-                }
-            }
-            out
-        })
-        .flat_map(futures::stream::iter);
-    Ok(Box::pin(chunks))
+    body
 }
 
-fn transport_error(e: reqwest::Error) -> ProviderError {
-    if e.is_timeout() {
-        ProviderError::Timeout
-    } else {
-        ProviderError::Transport(e.to_string())
-    }
+/// The chat completions wire format.
+#[derive(Debug, Default)]
+struct ChatDecoder {
+    /// The `finish_reason` seen so far.
+    stop: Option<StopReason>,
 }
 
-/// The chunks carried by one `chat.completion.chunk` event.
-fn parse_chunk(data: &str) -> Result<Vec<Result<Chunk, ProviderError>>, ProviderError> {
-    let value: Value = serde_json::from_str(data)
-        .map_err(|e| ProviderError::Protocol(format!("event is not JSON ({e}): {data:.200}")))?;
-    if let Some(error) = value.get("error") {
-        let message = error
-            .get("message")
+impl Decoder for ChatDecoder {
+    fn decode(&mut self, event: SseEvent) -> Result<Vec<Chunk>, ProviderError> {
+        if event.data.trim() == "[DONE]" {
+            return Ok(vec![Chunk::End(self.stop.unwrap_or(StopReason::Completed))]);
+        }
+        let value = http::json(&event)?;
+        if let Some(error) = value.get("error").filter(|e| !e.is_null()) {
+            let message = error
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown error");
+            return Err(ProviderError::Upstream(message.to_string()));
+        }
+        let mut out = Vec::new();
+        let choice = value.pointer("/choices/0");
+        let text = choice
+            .and_then(|c| c.pointer("/delta/content"))
+            .and_then(Value::as_str);
+        if let Some(text) = text.filter(|t| !t.is_empty()) {
+            out.push(Chunk::Delta(text.to_string()));
+        }
+        if let Some(reason) = choice
+            .and_then(|c| c.get("finish_reason"))
             .and_then(Value::as_str)
-            .unwrap_or("unknown error");
-        return Err(ProviderError::Upstream(message.to_string()));
+        {
+            self.stop = Some(match reason {
+                "length" => StopReason::MaxOutputTokens,
+                "content_filter" => StopReason::ContentFilter,
+                _ => StopReason::Completed,
+            });
+        }
+        if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
+            out.push(Chunk::Usage {
+                input_tokens: http::count(usage, "prompt_tokens"),
+                output_tokens: http::count(usage, "completion_tokens"),
+            });
+        }
+        Ok(out)
     }
-    let mut out = Vec::new();
-    let text = value
-        .pointer("/choices/0/delta/content")
-        .and_then(Value::as_str);
-    if let Some(text) = text.filter(|t| !t.is_empty()) {
-        out.push(Ok(Chunk::Delta(text.to_string())));
-    }
-    if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
-        let count = |field: &str| usage.get(field).and_then(Value::as_u64).unwrap_or(0) as u32;
-        out.push(Ok(Chunk::Usage {
-            input_tokens: count("prompt_tokens"),
-            output_tokens: count("completion_tokens"),
-        }));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::{sse::SseParser, ChatMessage};
+
+    fn decode_all(text: &str) -> Vec<Result<Chunk, String>> {
+        let mut decoder = ChatDecoder::default();
+        let mut out = Vec::new();
+        for event in SseParser::default().push(text.as_bytes()).unwrap() {
+            match decoder.decode(event) {
+                Ok(chunks) => out.extend(chunks.into_iter().map(Ok)),
+                Err(e) => out.push(Err(e.to_string())),
+            }
+        }
+        out
+    }
 
     #[test]
-    fn parses_deltas_usage_and_errors() {
-        let delta = r#"{"choices":[{"index":0,"delta":{"content":"Hi"}}],"usage":null}"#;
-        assert_eq!(
-            parse_chunk(delta).unwrap().pop().unwrap().unwrap(),
-            Chunk::Delta("Hi".into())
-        );
-        let usage = r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}"#;
-        assert_eq!(
-            parse_chunk(usage).unwrap().pop().unwrap().unwrap(),
-            Chunk::Usage {
-                input_tokens: 7,
-                output_tokens: 3
-            }
-        );
-        assert!(parse_chunk(r#"{"error":{"message":"boom"}}"#).is_err());
-        assert!(parse_chunk("not json").is_err());
+    fn parses_deltas_stop_reason_usage_and_the_end_marker() {
+        let stream = include_str!("../../tests/fixtures/openai_chat/length.sse");
+        let chunks = decode_all(stream);
+        assert!(chunks.contains(&Ok(Chunk::End(StopReason::MaxOutputTokens))));
+        assert!(chunks
+            .iter()
+            .any(|c| matches!(c, Ok(Chunk::Usage { output_tokens, .. }) if *output_tokens > 0)));
+        let stream = include_str!("../../tests/fixtures/openai_chat/basic.sse");
+        let chunks = decode_all(stream);
+        assert_eq!(chunks.last(), Some(&Ok(Chunk::End(StopReason::Completed))));
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| match c {
+                Ok(Chunk::Delta(d)) => Some(d.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert!(!text.is_empty());
+    }
+
+    #[test]
+    fn errors_in_the_stream_end_it() {
+        let chunks = decode_all("data: {\"error\":{\"message\":\"boom\"}}\n\ndata: not json\n\n");
+        assert!(matches!(&chunks[0], Err(e) if e.contains("boom")));
+        assert!(chunks[1].is_err());
+    }
+
+    #[test]
+    fn the_cap_goes_in_the_configured_field() {
+        let request = CallRequest {
+            messages: vec![ChatMessage::new("user", "hi")],
+            max_output_tokens: 321,
+            temperature: None,
+            top_p: None,
+        };
+        let mut model = ModelConfig::mock("m");
+        let body = request_body(&model, &request);
+        assert_eq!(body["max_completion_tokens"], 321);
+        assert!(body.get("max_tokens").is_none());
+        model.cap_field = CapField::MaxTokens;
+        let body = request_body(&model, &request);
+        assert_eq!(body["max_tokens"], 321);
+        assert!(body.get("max_completion_tokens").is_none());
+        model.cap_field = CapField::Both;
+        let body = request_body(&model, &request);
+        assert_eq!((&body["max_tokens"], &body["max_completion_tokens"]), (&json!(321), &json!(321)));
     }
 }

@@ -128,7 +128,7 @@ async fn run_inner(
         return Ok(Disposition::Ack);
     };
 
-    let call = request.call_request();
+    let call = request.call_request(model);
     let end = stream_into_rows(worker, id, attempt, model, &call, &tracked.token, abort).await?;
     let outcome = match end {
         StreamEnd::Done {
@@ -267,6 +267,7 @@ async fn stream_into_rows(
                         heartbeat.reset();
                     }
                 }
+                Some(Ok(Chunk::End(_))) => break,
                 Some(Ok(Chunk::Usage { input_tokens, output_tokens })) => {
                     usage = Some((input_tokens, output_tokens));
                 }
