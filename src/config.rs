@@ -107,6 +107,12 @@ impl AmqpConfig {
     pub fn retry_queue(&self, level: u32) -> String {
         format!("{}.retry.{level}", self.queue)
     }
+
+    /// The delay queue of a job whose upstream asked for a longer wait than the backoff
+    /// (`Retry-After`); messages wait there at most `worker.retry_max_ms`.
+    pub fn retry_after_queue(&self) -> String {
+        format!("{}.retry.after", self.queue)
+    }
 }
 
 impl Default for AmqpConfig {

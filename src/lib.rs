@@ -4,10 +4,12 @@
 //! A request flows through the modules in this order:
 //! [`api`] (HTTP front) → [`admission`] (one PostgreSQL transaction decides and writes the job and
 //! its outbox row) → [`queue`] (publish to RabbitMQ, outbox relay) → [`worker`] (consume, run) →
-//! [`provider`] (the upstream LLM) → [`store`] (job rows and their streamed output).
+//! [`provider`] (the upstream LLM) → [`store`] (job rows and their streamed output). [`billing`]
+//! says what each attempt is charged, whichever way it ends.
 
 pub mod admission;
 pub mod api;
+pub mod billing;
 pub mod config;
 pub mod ids;
 pub mod metrics;

@@ -78,6 +78,30 @@ impl InvalidRequest {
     }
 }
 
+/// Where in `value` a string (or an object key) holds a NUL character, as a parameter path
+/// (`metadata.k`, `input[0].content`); None when nowhere.
+fn nul_path(value: &Value, at: String) -> Option<String> {
+    match value {
+        Value::String(text) => text.contains('\0').then_some(at),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| nul_path(item, format!("{at}[{i}]"))),
+        Value::Object(fields) => fields.iter().find_map(|(name, field)| {
+            let path = if at.is_empty() {
+                name.clone()
+            } else {
+                format!("{at}.{name}")
+            };
+            if name.contains('\0') {
+                return Some(path.replace('\0', "\\u0000"));
+            }
+            nul_path(field, path)
+        }),
+        _ => None,
+    }
+}
+
 impl CreateResponse {
     /// Parses and validates a request body. Returns the typed request and the body as JSON (stored
     /// as given on the job row).
@@ -92,6 +116,13 @@ impl CreateResponse {
             return Err(InvalidRequest::new(
                 "The request body must be a JSON object.",
                 None,
+            ));
+        }
+        if let Some(path) = nul_path(&value, String::new()) {
+            // PostgreSQL can store no NUL character, and no model needs one.
+            return Err(InvalidRequest::new(
+                "Strings in the request must not contain the NUL character (\\u0000).",
+                Some(&path),
             ));
         }
         let request: Self = serde_path_to_error::deserialize(&value).map_err(|e| {
@@ -224,6 +255,20 @@ mod tests {
         let messages = r.messages();
         assert_eq!(messages[0].role, "system");
         assert_eq!(messages[1].content, "ab");
+    }
+
+    #[test]
+    fn nul_characters_are_refused_naming_the_field() {
+        let e = CreateResponse::parse(br#"{"model":"m","input":"hi","metadata":{"k":"a\u0000b"}}"#)
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("metadata.k"));
+        let e = CreateResponse::parse(
+            br#"{"model":"m","input":[{"role":"user","content":"x\u0000"}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("input[0].content"));
+        let e = CreateResponse::parse(br#"{"model":"m","input":"hi","x\u0000":1}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("x\\u0000"));
     }
 
     #[test]

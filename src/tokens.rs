@@ -33,7 +33,10 @@ pub fn tokenizer_for(model: &ModelConfig) -> TokenizerKind {
     if let Some(kind) = model.tokenizer {
         return kind;
     }
-    if model.provider != ProviderKind::Openai {
+    if !matches!(
+        model.provider,
+        ProviderKind::Openai | ProviderKind::OpenaiResponses
+    ) {
         return TokenizerKind::Bytes;
     }
     match tiktoken_rs::tokenizer::get_tokenizer(model.upstream_model()) {
@@ -83,6 +86,15 @@ fn estimate_text(messages: &[ChatMessage]) -> u32 {
         .sum()
 }
 
+/// Tokens of a model's output text, counted with `kind` (the fallback: one per 4 bytes). Used to
+/// charge an answer whose upstream reported no usage, or stopped before reporting it.
+pub fn count_output(kind: TokenizerKind, text: &str) -> u32 {
+    match bpe(kind) {
+        Some(bpe) => bpe.encode_ordinary(text).len() as u32,
+        None => bytes_to_tokens(text.len()),
+    }
+}
+
 /// The fallback's count for a length of text: one token per 4 bytes, rounded up.
 pub fn bytes_to_tokens(bytes: usize) -> u32 {
     bytes.div_ceil(4) as u32
@@ -118,6 +130,13 @@ mod tests {
             assert_eq!(e.tokens, 2 + 7);
             assert!(e.upper_bound > e.tokens);
         }
+    }
+
+    #[test]
+    fn output_is_counted_with_the_encoding() {
+        assert_eq!(count_output(TokenizerKind::O200kBase, "hello world"), 2);
+        assert_eq!(count_output(TokenizerKind::Bytes, "hello world"), 3);
+        assert_eq!(count_output(TokenizerKind::Bytes, ""), 0);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tollgate::{
     money::MicroUsd,
     request::CreateResponse,
     store::{
-        jobs::{self, Claim, Outcome},
+        jobs::{self, Claim, Outcome, Spent},
         keys::{self, NewKey},
     },
 };
@@ -86,9 +86,13 @@ impl Run<'_> {
                     let model = self.env.config.model("mock-1").unwrap();
                     let outcome = Outcome {
                         status: JobStatus::Completed,
-                        input_tokens: Some(input as i32),
-                        output_tokens: Some(output as i32),
-                        cost: model.cost(input as u64, output as u64),
+                        spent: Spent {
+                            input_tokens: Some(input as i32),
+                            output_tokens: Some(output as i32),
+                            usage_estimated: Some(false),
+                            cost: model.cost(input as u64, output as u64),
+                        },
+                        incomplete_reason: None,
                         error: None,
                     };
                     assert!(jobs::finish(pool, id, attempt, &outcome).await.unwrap());
@@ -102,16 +106,15 @@ impl Run<'_> {
                 if let Claim::Claimed { attempt, .. } = jobs::claim(pool, id, 30).await.unwrap() {
                     let outcome = Outcome {
                         status: JobStatus::Failed,
-                        input_tokens: None,
-                        output_tokens: None,
-                        cost: MicroUsd::ZERO,
+                        spent: Spent::default(),
+                        incomplete_reason: None,
                         error: Some(json!({"code": "test"})),
                     };
                     assert!(jobs::finish(pool, id, attempt, &outcome).await.unwrap());
                 }
             }
             Op::Cancel { job } if pick(job).is_some() => {
-                jobs::cancel(pool, pick(job).unwrap(), self.key_id)
+                jobs::cancel(pool, pick(job).unwrap(), self.key_id, |_| Spent::default())
                     .await
                     .unwrap();
             }

@@ -141,7 +141,7 @@ async fn openai_compatible_upstream_is_streamed_and_its_usage_charged() {
     assert_eq!(sent[0]["model"], "upstream-model-x");
     assert_eq!(sent[0]["stream"], true);
     assert_eq!(sent[0]["stream_options"]["include_usage"], true);
-    assert_eq!(sent[0]["max_tokens"], 3000);
+    assert_eq!(sent[0]["max_completion_tokens"], 3000);
     assert_eq!(
         sent[0]["messages"],
         json!([{"role": "user", "content": "Question?"}])

@@ -520,6 +520,8 @@ fn queued_row(
         input_tokens: None,
         output_tokens: None,
         cost_micro_usd: None,
+        usage_estimated: None,
+        incomplete_reason: None,
         error: None,
         attempt: 0,
         created_at,

@@ -53,7 +53,9 @@ pub fn response_object(job: &JobRow) -> Value {
         _ => Value::Null,
     };
     let incomplete_details = match status {
-        JobStatus::Incomplete => json!({"reason": "max_output_tokens"}),
+        JobStatus::Incomplete => json!({
+            "reason": job.incomplete_reason.as_deref().unwrap_or("max_output_tokens")
+        }),
         _ => Value::Null,
     };
     json!({

@@ -32,6 +32,7 @@ use super::{
 };
 use crate::{
     admission::{Admitted, Quota, RateReport, Rejection, Submission},
+    billing,
     ids::JobId,
     queue::outbox,
     request::CreateResponse,
@@ -319,7 +320,8 @@ async fn delete(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let (key, job_id) = owned_id(&state, &headers, &id).await?;
-    if !jobs::delete_for_key(&state.pool, job_id, key.id).await? {
+    let charge = |stopping: &jobs::Stopping| billing::for_stopped(&state.config, stopping);
+    if !jobs::delete_for_key(&state.pool, job_id, key.id, charge).await? {
         return Err(ApiError::job_not_found(&id));
     }
     tracing::info!(job_id = %job_id, "deleted");
@@ -347,7 +349,8 @@ async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let (key, job_id) = owned_id(&state, &headers, &id).await?;
-    match jobs::cancel(&state.pool, job_id, key.id).await? {
+    let charge = |stopping: &jobs::Stopping| billing::for_stopped(&state.config, stopping);
+    match jobs::cancel(&state.pool, job_id, key.id, charge).await? {
         Cancelled::Now(job) => {
             tracing::info!(job_id = %job.id, "cancelled");
             Ok(Json(response_object(&job)).into_response())

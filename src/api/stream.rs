@@ -315,6 +315,8 @@ mod tests {
             input_tokens: None,
             output_tokens: None,
             cost_micro_usd: None,
+            usage_estimated: None,
+            incomplete_reason: None,
             error: None,
             attempt,
             created_at: Utc::now(),

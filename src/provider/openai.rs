@@ -171,6 +171,9 @@ mod tests {
         assert!(body.get("max_completion_tokens").is_none());
         model.cap_field = CapField::Both;
         let body = request_body(&model, &request);
-        assert_eq!((&body["max_tokens"], &body["max_completion_tokens"]), (&json!(321), &json!(321)));
+        assert_eq!(
+            (&body["max_tokens"], &body["max_completion_tokens"]),
+            (&json!(321), &json!(321))
+        );
     }
 }

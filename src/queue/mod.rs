@@ -10,7 +10,10 @@
 //! - delay queues `<queue>.retry.<n>` (classic, durable), one per retry level n = 1 …
 //!   `worker.max_attempts - 1`: a job whose attempt n failed retryably waits in level n (per-message
 //!   expiration, at most the level's `x-message-ttl`), then dead-letters back to the jobs exchange
-//!   with routing key [`ROUTING_KEY`].
+//!   with routing key [`ROUTING_KEY`];
+//! - delay queue `<queue>.retry.after` (classic, durable, `x-message-ttl` = `worker.retry_max_ms`)
+//!   for a job whose upstream asked, with `Retry-After`, for a longer wait than its backoff; it
+//!   dead-letters back the same way.
 
 pub mod outbox;
 mod publisher;
@@ -138,7 +141,13 @@ pub async fn declare_topology(channel: &Channel, full: &Config) -> Result<(), la
         )
         .await?;
 
-    for level in 1..full.worker.max_attempts {
+    let delay_queues = (1..full.worker.max_attempts)
+        .map(|level| (config.retry_queue(level), full.worker.retry_delay(level)))
+        .chain([(
+            config.retry_after_queue(),
+            std::time::Duration::from_millis(full.worker.retry_max_ms),
+        )]);
+    for (name, ttl) in delay_queues {
         let mut args = FieldTable::default();
         args.insert(
             "x-dead-letter-exchange".into(),
@@ -150,14 +159,10 @@ pub async fn declare_topology(channel: &Channel, full: &Config) -> Result<(), la
         );
         args.insert(
             "x-message-ttl".into(),
-            AMQPValue::LongLongInt(full.worker.retry_delay(level).as_millis() as i64),
+            AMQPValue::LongLongInt(ttl.as_millis() as i64),
         );
         channel
-            .queue_declare(
-                config.retry_queue(level).as_str().into(),
-                durable_queue,
-                args,
-            )
+            .queue_declare(name.as_str().into(), durable_queue, args)
             .await?;
     }
     Ok(())

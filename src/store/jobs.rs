@@ -80,6 +80,10 @@ pub struct JobRow {
     pub input_tokens: Option<i32>,
     pub output_tokens: Option<i32>,
     pub cost_micro_usd: Option<i64>,
+    /// Whether the token counts are tollgate's estimate (see `billing`).
+    pub usage_estimated: Option<bool>,
+    /// Why an `incomplete` job was cut off (`max_output_tokens`, `content_filter`).
+    pub incomplete_reason: Option<String>,
     pub error: Option<Json<Value>>,
     pub attempt: i32,
     pub created_at: DateTime<Utc>,
@@ -88,7 +92,8 @@ pub struct JobRow {
 }
 
 const JOB_COLUMNS: &str = "id, key_id, model, status, request, output_text, input_tokens, \
-    output_tokens, cost_micro_usd, error, attempt, created_at, started_at, finished_at";
+    output_tokens, cost_micro_usd, usage_estimated, incomplete_reason, error, attempt, \
+    created_at, started_at, finished_at";
 
 /// The job `id` if it belongs to `key_id` (another key's job does not exist for it).
 #[tracing::instrument(skip_all, fields(job_id = %id, key_id = %key_id))]
@@ -195,20 +200,31 @@ pub async fn append_deltas(
     Ok(written == 1)
 }
 
+/// What an attempt used, as written on the job row (see `billing`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Spent {
+    pub input_tokens: Option<i32>,
+    pub output_tokens: Option<i32>,
+    pub usage_estimated: Option<bool>,
+    /// The attempt's cost, added to the job's `cost_micro_usd` (the sum over its attempts).
+    pub cost: MicroUsd,
+}
+
 /// How an attempt ended.
 #[derive(Debug)]
 pub struct Outcome {
     pub status: JobStatus,
-    pub input_tokens: Option<i32>,
-    pub output_tokens: Option<i32>,
-    pub cost: MicroUsd,
+    pub spent: Spent,
+    /// For `incomplete`: `max_output_tokens` or `content_filter`.
+    pub incomplete_reason: Option<&'static str>,
     pub error: Option<Value>,
 }
 
-/// Moves this attempt of the job to its terminal state. The `jobs_release_admission` trigger
-/// gives back, in the same statement, what admission took (the in-flight slot, the budget
-/// reservation replaced by the charged cost, the TPM estimate replaced by the real usage).
-/// Returns false (and changes nothing) when this attempt no longer owns the job.
+/// Moves this attempt of the job to its terminal state, adding the attempt's cost to the job's.
+/// The `jobs_release_admission` trigger gives back, in the same statement, what admission took
+/// (the in-flight slot, the budget reservation replaced by the charged cost, the TPM estimate
+/// replaced by the real usage). Returns false (and changes nothing) when this attempt no longer
+/// owns the job.
 #[tracing::instrument(skip_all, fields(job_id = %id, status = ?outcome.status))]
 pub async fn finish(
     pool: &PgPool,
@@ -219,17 +235,21 @@ pub async fn finish(
     debug_assert!(outcome.status.is_terminal());
     let finished = sqlx::query(
         "UPDATE tollgate.jobs
-            SET status = $3, input_tokens = $4, output_tokens = $5, cost_micro_usd = $6,
+            SET status = $3, input_tokens = $4, output_tokens = $5,
+                cost_micro_usd = coalesce(cost_micro_usd, 0) + $6, usage_estimated = $8,
+                incomplete_reason = $9,
                 error = $7, finished_at = now(), updated_at = now(), lease_until = NULL
           WHERE id = $1 AND attempt = $2 AND status = 'in_progress'",
     )
     .bind(id)
     .bind(attempt)
     .bind(outcome.status)
-    .bind(outcome.input_tokens)
-    .bind(outcome.output_tokens)
-    .bind(outcome.cost.0)
+    .bind(outcome.spent.input_tokens)
+    .bind(outcome.spent.output_tokens)
+    .bind(outcome.spent.cost.0)
     .bind(outcome.error.as_ref().map(Json))
+    .bind(outcome.spent.usage_estimated)
+    .bind(outcome.incomplete_reason)
     .execute(pool)
     .await?
     .rows_affected();
@@ -246,27 +266,90 @@ pub enum Cancelled {
     NotFound,
 }
 
-/// Cancels a job of `key_id` that is queued or running. A running job's worker finds out at its
-/// next write (it no longer owns the job) and stops; the partial output is kept.
+/// A job being stopped by its client (cancel, or delete while unfinished): what its running
+/// attempt had streamed, to charge for it.
+#[derive(Debug)]
+pub struct Stopping {
+    pub model: String,
+    /// True when a worker holds the job (an upstream call is under way).
+    pub running: bool,
+    pub output_text: String,
+    pub estimated_input_tokens: i32,
+}
+
+/// Cancels a job of `key_id` that is queued or running, charging its running attempt what
+/// `charge` says (from the text streamed so far; the row is locked meanwhile, so the worker's
+/// next write waits, then finds the job cancelled and stops). The partial output is kept.
 #[tracing::instrument(skip_all, fields(job_id = %id))]
-pub async fn cancel(pool: &PgPool, id: JobId, key_id: KeyId) -> Result<Cancelled, sqlx::Error> {
-    let cancelled: Option<JobRow> = sqlx::query_as(&format!(
-        "UPDATE tollgate.jobs
-            SET status = 'cancelled', finished_at = now(), updated_at = now(), lease_until = NULL
-          WHERE id = $1 AND key_id = $2 AND status IN ('queued', 'in_progress')
-          RETURNING {JOB_COLUMNS}"
-    ))
-    .bind(id)
-    .bind(key_id)
-    .fetch_optional(pool)
-    .await?;
-    if let Some(job) = cancelled {
+pub async fn cancel(
+    pool: &PgPool,
+    id: JobId,
+    key_id: KeyId,
+    charge: impl FnOnce(&Stopping) -> Spent,
+) -> Result<Cancelled, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let stopped = stop_unfinished(&mut tx, id, key_id, charge).await?;
+    tx.commit().await?;
+    if let Some(job) = stopped {
         return Ok(Cancelled::Now(job));
     }
     Ok(match get_for_key(pool, id, key_id).await? {
         Some(job) => Cancelled::AlreadyFinished(job),
         None => Cancelled::NotFound,
     })
+}
+
+/// Inside a transaction: locks the job `id` of `key_id` and, if it is queued or running, moves it
+/// to `cancelled` with the running attempt's charge. None when there is no such unfinished job.
+async fn stop_unfinished(
+    tx: &mut PgConnection,
+    id: JobId,
+    key_id: KeyId,
+    charge: impl FnOnce(&Stopping) -> Spent,
+) -> Result<Option<JobRow>, sqlx::Error> {
+    let locked: Option<(String, JobStatus, String, i32)> = sqlx::query_as(
+        "SELECT model, status, output_text, estimated_input_tokens FROM tollgate.jobs
+          WHERE id = $1 AND key_id = $2 AND status IN ('queued', 'in_progress')
+          FOR UPDATE",
+    )
+    .bind(id)
+    .bind(key_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((model, status, output_text, estimated_input_tokens)) = locked else {
+        return Ok(None);
+    };
+    let stopping = Stopping {
+        model,
+        running: status == JobStatus::InProgress,
+        output_text,
+        estimated_input_tokens,
+    };
+    let spent = if stopping.running {
+        charge(&stopping)
+    } else {
+        Spent::default()
+    };
+    let job = sqlx::query_as(&format!(
+        "UPDATE tollgate.jobs
+            SET status = 'cancelled', finished_at = now(), updated_at = now(), lease_until = NULL,
+                input_tokens = coalesce($3, input_tokens),
+                output_tokens = coalesce($4, output_tokens),
+                usage_estimated = coalesce($5, usage_estimated),
+                cost_micro_usd = CASE WHEN $6 > 0 THEN coalesce(cost_micro_usd, 0) + $6
+                                      ELSE cost_micro_usd END
+          WHERE id = $1 AND key_id = $2
+          RETURNING {JOB_COLUMNS}"
+    ))
+    .bind(id)
+    .bind(key_id)
+    .bind(spent.input_tokens)
+    .bind(spent.output_tokens)
+    .bind(spent.usage_estimated)
+    .bind(spent.cost.0)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(Some(job))
 }
 
 /// Ends jobs still `queued` after `ttl_seconds` (`failed`, code `expired`); the trigger gives back
@@ -286,15 +369,24 @@ pub async fn expire_queued(pool: &PgPool, ttl_seconds: u64) -> Result<u64, sqlx:
 }
 
 /// Gives a claimed job back (`in_progress → queued`) when its worker stops before finishing it,
-/// so the next delivery claims it at once instead of waiting for the lease to lapse.
+/// so the next delivery claims it at once instead of waiting for the lease to lapse. What the
+/// attempt cost so far is added to the job's cost.
 #[tracing::instrument(skip_all, fields(job_id = %id))]
-pub async fn release_claim(pool: &PgPool, id: JobId, attempt: i32) -> Result<bool, sqlx::Error> {
+pub async fn release_claim(
+    pool: &PgPool,
+    id: JobId,
+    attempt: i32,
+    cost: MicroUsd,
+) -> Result<bool, sqlx::Error> {
     let released = sqlx::query(
-        "UPDATE tollgate.jobs SET status = 'queued', lease_until = NULL, updated_at = now()
+        "UPDATE tollgate.jobs SET status = 'queued', lease_until = NULL, updated_at = now(),
+                cost_micro_usd = CASE WHEN $3 > 0 THEN coalesce(cost_micro_usd, 0) + $3
+                                      ELSE cost_micro_usd END
           WHERE id = $1 AND attempt = $2 AND status = 'in_progress'",
     )
     .bind(id)
     .bind(attempt)
+    .bind(cost.0)
     .execute(pool)
     .await?
     .rows_affected();
@@ -321,22 +413,27 @@ pub async fn renew_lease(
     Ok(renewed == 1)
 }
 
-/// Puts a job whose attempt failed retryably back to `queued`, with the error kept for the record,
-/// to wait in a delay queue. False when the attempt no longer owns the job (e.g. cancelled).
+/// Puts a job whose attempt failed retryably back to `queued`, with the error kept for the record
+/// and what the attempt cost added to the job's cost, to wait in a delay queue. False when the
+/// attempt no longer owns the job (e.g. cancelled).
 #[tracing::instrument(skip_all, fields(job_id = %id))]
 pub async fn requeue_for_retry(
     pool: &PgPool,
     id: JobId,
     attempt: i32,
     error: &Value,
+    cost: MicroUsd,
 ) -> Result<bool, sqlx::Error> {
     let requeued = sqlx::query(
-        "UPDATE tollgate.jobs SET status = 'queued', lease_until = NULL, error = $3, updated_at = now()
+        "UPDATE tollgate.jobs SET status = 'queued', lease_until = NULL, error = $3, updated_at = now(),
+                cost_micro_usd = CASE WHEN $4 > 0 THEN coalesce(cost_micro_usd, 0) + $4
+                                      ELSE cost_micro_usd END
           WHERE id = $1 AND attempt = $2 AND status = 'in_progress'",
     )
     .bind(id)
     .bind(attempt)
     .bind(Json(error))
+    .bind(cost.0)
     .execute(pool)
     .await?
     .rows_affected();
@@ -381,17 +478,26 @@ pub async fn rescue_lapsed_leases(
     Ok(rescued.into_iter().map(|(id, _)| id).collect())
 }
 
-/// Deletes the job `id` of `key_id` (its events and outbox row go with it). An unfinished job's
-/// slot and reservation are given back by the `jobs_release_on_delete` trigger; its worker finds
-/// the row gone at its next write and stops. Returns false when there was no such job.
+/// Deletes the job `id` of `key_id` (its events and outbox row go with it). An unfinished job is
+/// first cancelled in the same transaction, charging its running attempt what `charge` says, so
+/// the release trigger gives back its slot and reservation and charges what was streamed; its
+/// worker hears of the cancellation and stops. Returns false when there was no such job.
 #[tracing::instrument(skip_all, fields(job_id = %id, key_id = %key_id))]
-pub async fn delete_for_key(pool: &PgPool, id: JobId, key_id: KeyId) -> Result<bool, sqlx::Error> {
+pub async fn delete_for_key(
+    pool: &PgPool,
+    id: JobId,
+    key_id: KeyId,
+    charge: impl FnOnce(&Stopping) -> Spent,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    stop_unfinished(&mut tx, id, key_id, charge).await?;
     let deleted = sqlx::query("DELETE FROM tollgate.jobs WHERE id = $1 AND key_id = $2")
         .bind(id)
         .bind(key_id)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+    tx.commit().await?;
     Ok(deleted == 1)
 }
 

@@ -1,22 +1,30 @@
-//! Running one job: claim it, stream the provider's output into event rows in batches (renewing
-//! the lease as it goes), finish it in one guarded statement — or put it back for a retry.
+//! Running one job: claim it, hold its lease for the whole attempt, stream the provider's output
+//! into event rows in batches, and end the attempt in one guarded statement — finished, or put
+//! back for a retry — charging what it used (see `billing`).
+//!
+//! The lease is held by a task beside the upstream call ([`LeaseKeeper`]), from the claim to the
+//! attempt's last write: through connect, the wait for the first byte (minutes, for reasoning
+//! models), silent stretches and the stream. So while its worker lives, no other worker takes the
+//! job over and the upstream is never called twice for one attempt; when the worker dies, the
+//! renewals stop and the job is rescued within one lease.
 
 use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tokio::time::Instant;
+use sqlx::PgPool;
+use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{Disposition, Worker};
 use crate::{
+    billing::{self, Attempt},
     config::ModelConfig,
     ids::{JobId, JobStatus},
-    money::MicroUsd,
-    provider::{self, CallRequest, Chunk, ProviderError},
+    provider::{self, CallRequest, Chunk, ProviderError, StopReason},
     queue::JobMessage,
     request::CreateResponse,
-    store::jobs::{self, Claim, Outcome},
+    store::jobs::{self, Claim, Outcome, Spent},
     tokens,
 };
 
@@ -40,11 +48,9 @@ pub(super) async fn run(worker: &Worker, id: JobId, abort: &CancellationToken) -
 
 /// How streaming an attempt ended.
 enum StreamEnd {
-    Done {
-        input_tokens: u32,
-        output_tokens: u32,
-    },
-    /// This attempt no longer owns the job (cancelled, or taken over).
+    /// The upstream's end marker arrived.
+    Ended(StopReason),
+    /// This attempt no longer owns the job (cancelled, deleted, or taken over).
     Fenced,
     Failed(ProviderError),
     /// The model's total timeout passed.
@@ -57,12 +63,11 @@ fn error_json(code: &str, message: impl Into<String>, attempt: i32) -> Value {
     json!({"code": code, "message": message.into(), "attempt": attempt})
 }
 
-fn failed(error: Value) -> Outcome {
+fn failed(spent: Spent, error: Value) -> Outcome {
     Outcome {
         status: JobStatus::Failed,
-        input_tokens: None,
-        output_tokens: None,
-        cost: MicroUsd::ZERO,
+        spent,
+        incomplete_reason: None,
         error: Some(error),
     }
 }
@@ -93,6 +98,14 @@ async fn run_inner(
         }
     };
     let tracked = worker.track(id);
+    // From here until this function returns, the lease is renewed beside whatever we wait for.
+    let _lease = LeaseKeeper::start(
+        worker.pool.clone(),
+        id,
+        attempt,
+        settings.lease_seconds,
+        tracked.token.clone(),
+    );
     tracing::info!(attempt, model = %model_name, "job claimed");
 
     // Attempts also count takeovers of crashed workers: a job that keeps killing its workers
@@ -103,7 +116,7 @@ async fn run_inner(
             format!("gave up after {} attempts", settings.max_attempts),
             attempt,
         );
-        jobs::finish(&worker.pool, id, attempt, &failed(error)).await?;
+        jobs::finish(&worker.pool, id, attempt, &failed(Spent::default(), error)).await?;
         return Ok(Disposition::Ack);
     }
     let request: CreateResponse = match serde_json::from_value(request) {
@@ -114,7 +127,7 @@ async fn run_inner(
                 format!("stored request unreadable: {e}"),
                 attempt,
             );
-            jobs::finish(&worker.pool, id, attempt, &failed(error)).await?;
+            jobs::finish(&worker.pool, id, attempt, &failed(Spent::default(), error)).await?;
             return Ok(Disposition::Ack);
         }
     };
@@ -124,57 +137,87 @@ async fn run_inner(
             format!("model {model_name} is no longer configured"),
             attempt,
         );
-        jobs::finish(&worker.pool, id, attempt, &failed(error)).await?;
+        jobs::finish(&worker.pool, id, attempt, &failed(Spent::default(), error)).await?;
         return Ok(Disposition::Ack);
     };
 
     let call = request.call_request(model);
-    let end = stream_into_rows(worker, id, attempt, model, &call, &tracked.token, abort).await?;
+    let mut used = Used::default();
+    let end = stream_into_rows(
+        worker,
+        id,
+        attempt,
+        model,
+        &call,
+        &mut used,
+        &tracked.token,
+        abort,
+    )
+    .await?;
+    let spent = used.spent(model, &call, matches!(end, StreamEnd::Ended(_)));
     let outcome = match end {
-        StreamEnd::Done {
-            input_tokens,
-            output_tokens,
-        } => Outcome {
-            status: JobStatus::Completed,
-            input_tokens: Some(input_tokens as i32),
-            output_tokens: Some(output_tokens as i32),
-            cost: model.cost(input_tokens as u64, output_tokens as u64),
-            error: None,
-        },
+        StreamEnd::Ended(stop) => {
+            let incomplete_reason = match stop {
+                StopReason::Completed => None,
+                StopReason::MaxOutputTokens => Some("max_output_tokens"),
+                StopReason::ContentFilter => Some("content_filter"),
+            };
+            Outcome {
+                status: if incomplete_reason.is_some() {
+                    JobStatus::Incomplete
+                } else {
+                    JobStatus::Completed
+                },
+                spent,
+                incomplete_reason,
+                error: None,
+            }
+        }
         StreamEnd::Failed(e) if e.is_retryable() && (attempt as u32) < settings.max_attempts => {
             tracing::warn!(error = %e, attempt, "upstream failed; will retry");
             let error = error_json(e.code(), e.to_string(), attempt);
-            if jobs::requeue_for_retry(&worker.pool, id, attempt, &error).await? {
+            if jobs::requeue_for_retry(&worker.pool, id, attempt, &error, spent.cost).await? {
                 return Ok(Disposition::RetryLater {
                     message: JobMessage::new(id, &model_name),
                     level: attempt as u32,
+                    not_before: e.retry_after(),
                 });
             }
             return Ok(Disposition::Ack);
         }
         StreamEnd::Failed(e) => {
             tracing::warn!(error = %e, attempt, "upstream failed");
-            failed(error_json(e.code(), e.to_string(), attempt))
+            failed(spent, error_json(e.code(), e.to_string(), attempt))
         }
-        StreamEnd::TimedOut => failed(error_json(
-            "job_timeout",
-            format!(
-                "the upstream did not finish within {} s; the output so far is kept",
-                model.timeout_seconds
+        StreamEnd::TimedOut => failed(
+            spent,
+            error_json(
+                "job_timeout",
+                format!(
+                    "the upstream did not finish within {} s; the output so far is kept",
+                    model.timeout_seconds
+                ),
+                attempt,
             ),
-            attempt,
-        )),
+        ),
         StreamEnd::Fenced => {
-            tracing::info!("job no longer ours (cancelled or taken over); stopped");
+            // Whoever took the job from this attempt charged it: a cancel or delete charges
+            // what was written, a takeover starts a new attempt.
+            tracing::info!("job no longer ours (cancelled, deleted or taken over); stopped");
             return Ok(Disposition::Ack);
         }
         StreamEnd::Aborted => {
-            jobs::release_claim(&worker.pool, id, attempt).await?;
+            jobs::release_claim(&worker.pool, id, attempt, spent.cost).await?;
             return Ok(Disposition::Requeue);
         }
     };
     if jobs::finish(&worker.pool, id, attempt, &outcome).await? {
-        tracing::info!(status = ?outcome.status, cost_micro_usd = outcome.cost.0, "job finished");
+        tracing::info!(
+            status = ?outcome.status,
+            cost_micro_usd = outcome.spent.cost.0,
+            usage_estimated = ?outcome.spent.usage_estimated,
+            "job finished"
+        );
         let status = serde_json::to_value(outcome.status).expect("status serialises");
         crate::metrics::increment(
             "tollgate_jobs_finished_total",
@@ -185,14 +228,90 @@ async fn run_inner(
     Ok(Disposition::Ack)
 }
 
+/// Renews a running attempt's lease every third of it, from the claim until dropped. When a
+/// renewal finds the attempt no longer owns the job, it cancels `fenced` so the attempt stops.
+/// A renewal that fails (PostgreSQL unreachable) is tried again at the next tick; if the lease
+/// lapses meanwhile, the attempt's next write is refused and it stops then.
+struct LeaseKeeper {
+    task: JoinHandle<()>,
+}
+
+impl LeaseKeeper {
+    fn start(
+        pool: PgPool,
+        id: JobId,
+        attempt: i32,
+        lease_seconds: u32,
+        fenced: CancellationToken,
+    ) -> Self {
+        let every = lease_renewal(lease_seconds);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match jobs::renew_lease(&pool, id, attempt, lease_seconds).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        fenced.cancel();
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(job_id = %id, error = %e, "could not renew the lease; trying again");
+                    }
+                }
+            }
+        });
+        Self { task }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// How often a running job renews its lease: a third of it, at least every second.
+fn lease_renewal(lease_seconds: u32) -> Duration {
+    Duration::from_millis((lease_seconds as u64 * 1000 / 3).max(1000))
+}
+
+/// What an attempt has used so far: the text streamed and the last usage reported.
+#[derive(Debug, Default)]
+struct Used {
+    output_text: String,
+    reported: Option<(u32, u32)>,
+}
+
+impl Used {
+    /// The attempt's charge, by the rule in `billing`.
+    fn spent(&self, model: &ModelConfig, call: &CallRequest, ended: bool) -> Spent {
+        let kind = tokens::tokenizer_for(model);
+        let usage = billing::attempt_usage(
+            kind,
+            Attempt {
+                input_estimate: tokens::estimate(kind, &call.messages).tokens,
+                reported: self.reported,
+                output_text: &self.output_text,
+                ended,
+            },
+        );
+        billing::spent(model, usage)
+    }
+}
+
 /// Streams the provider's answer into event rows, a batch per flush (by count or by age), while
-/// renewing the lease, watching for cancellation and enforcing the model's timeouts.
+/// watching for cancellation and enforcing the model's timeouts. What was streamed and reported
+/// is kept in `used`, whatever the ending.
+#[allow(clippy::too_many_arguments)]
 async fn stream_into_rows(
     worker: &Worker,
     id: JobId,
     attempt: i32,
     model: &ModelConfig,
     call: &CallRequest,
+    used: &mut Used,
     cancelled: &CancellationToken,
     abort: &CancellationToken,
 ) -> Result<StreamEnd, sqlx::Error> {
@@ -200,21 +319,12 @@ async fn stream_into_rows(
     let started = Instant::now();
     let deadline = started + Duration::from_secs(model.timeout_seconds);
     let first_token_deadline = started + Duration::from_secs(model.first_token_timeout_seconds);
-    let mut heartbeat = tokio::time::interval_at(
-        started + lease_renewal(settings.lease_seconds),
-        lease_renewal(settings.lease_seconds),
-    );
-    let mut batch = Batch {
-        pending: Vec::new(),
-        next_seq: 0,
-        deadline: None,
-        output_bytes: 0,
-    };
-    let mut usage = None;
+    let mut batch = Batch::default();
     let http = worker.http.get(&model.name).cloned().unwrap_or_default();
     let mut chunks = tokio::select! {
         _ = abort.cancelled() => return Ok(StreamEnd::Aborted),
         _ = cancelled.cancelled() => return Ok(StreamEnd::Fenced),
+        _ = tokio::time::sleep_until(deadline) => return Ok(StreamEnd::TimedOut),
         _ = tokio::time::sleep_until(first_token_deadline) => {
             return Ok(StreamEnd::Failed(ProviderError::Timeout));
         }
@@ -223,7 +333,7 @@ async fn stream_into_rows(
             Err(e) => return Ok(StreamEnd::Failed(e)),
         },
     };
-    loop {
+    let end = loop {
         let flush_due = async {
             match batch.deadline {
                 Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -231,87 +341,70 @@ async fn stream_into_rows(
             }
         };
         let first_token_due = async {
-            if batch.next_seq == 0 && batch.pending.is_empty() {
+            if used.output_text.is_empty() {
                 tokio::time::sleep_until(first_token_deadline).await
             } else {
                 std::future::pending().await
             }
         };
         tokio::select! {
-            _ = abort.cancelled() => return Ok(StreamEnd::Aborted),
+            _ = abort.cancelled() => break StreamEnd::Aborted,
             _ = cancelled.cancelled() => return Ok(StreamEnd::Fenced),
-            _ = tokio::time::sleep_until(deadline) => {
-                batch.flush(worker, id, attempt).await?;
-                return Ok(StreamEnd::TimedOut);
-            }
-            _ = first_token_due => return Ok(StreamEnd::Failed(ProviderError::Timeout)),
-            _ = heartbeat.tick() => {
-                if !jobs::renew_lease(&worker.pool, id, attempt, settings.lease_seconds).await? {
-                    return Ok(StreamEnd::Fenced);
-                }
-            }
+            _ = tokio::time::sleep_until(deadline) => break StreamEnd::TimedOut,
+            _ = first_token_due => break StreamEnd::Failed(ProviderError::Timeout),
             _ = flush_due => {
                 if !batch.flush(worker, id, attempt).await? {
                     return Ok(StreamEnd::Fenced);
                 }
-                // A flush renews the lease: the heartbeat is only for silent stretches.
-                heartbeat.reset();
             }
             chunk = chunks.next() => match chunk {
                 Some(Ok(Chunk::Delta(text))) => {
+                    let text = without_nul(text);
+                    used.output_text.push_str(&text);
                     batch.push(text, settings.flush_interval());
-                    if batch.pending.len() >= settings.flush_max_deltas {
-                        if !batch.flush(worker, id, attempt).await? {
-                            return Ok(StreamEnd::Fenced);
-                        }
-                        heartbeat.reset();
+                    if batch.pending.len() >= settings.flush_max_deltas
+                        && !batch.flush(worker, id, attempt).await?
+                    {
+                        return Ok(StreamEnd::Fenced);
                     }
                 }
-                Some(Ok(Chunk::End(_))) => break,
                 Some(Ok(Chunk::Usage { input_tokens, output_tokens })) => {
-                    usage = Some((input_tokens, output_tokens));
+                    used.reported = Some((input_tokens, output_tokens));
                 }
-                Some(Err(e)) => {
-                    // Keep the partial output that did arrive.
-                    batch.flush(worker, id, attempt).await?;
-                    return Ok(StreamEnd::Failed(e));
-                }
-                None => break,
+                Some(Ok(Chunk::End(stop))) => break StreamEnd::Ended(stop),
+                Some(Err(e)) => break StreamEnd::Failed(e),
+                // Closed without the end marker: the answer was cut off somewhere upstream.
+                None => break StreamEnd::Failed(ProviderError::Truncated),
             }
         }
-    }
+    };
+    // Whatever the ending, the output that did arrive is kept.
     if !batch.flush(worker, id, attempt).await? {
         return Ok(StreamEnd::Fenced);
     }
-    let (input_tokens, output_tokens) = usage.unwrap_or_else(|| {
-        // The upstream reported no usage: charge our estimate rather than nothing.
-        (
-            tokens::estimate(tokens::tokenizer_for(model), &call.messages).tokens,
-            tokens::bytes_to_tokens(batch.output_bytes),
-        )
-    });
-    Ok(StreamEnd::Done {
-        input_tokens,
-        output_tokens,
-    })
+    Ok(end)
 }
 
-/// How often a running job renews its lease: a third of it, at least every second.
-fn lease_renewal(lease_seconds: u32) -> Duration {
-    Duration::from_millis((lease_seconds as u64 * 1000 / 3).max(1000))
+/// PostgreSQL's text cannot hold NUL; an upstream that sends one must not break the job. It is
+/// replaced by U+FFFD, as a decoder replaces any byte it cannot represent.
+fn without_nul(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    }
 }
 
 /// Deltas waiting to be written.
+#[derive(Default)]
 struct Batch {
     pending: Vec<String>,
     next_seq: i32,
     deadline: Option<Instant>,
-    output_bytes: usize,
 }
 
 impl Batch {
     fn push(&mut self, text: String, max_age: Duration) {
-        self.output_bytes += text.len();
         self.pending.push(text);
         self.deadline
             .get_or_insert_with(|| Instant::now() + max_age);
@@ -341,5 +434,16 @@ impl Batch {
         self.next_seq += self.pending.len() as i32;
         self.pending.clear();
         Ok(owned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nul_characters_are_replaced() {
+        assert_eq!(without_nul("a\0b".into()), "a\u{FFFD}b");
+        assert_eq!(without_nul("plain".into()), "plain");
     }
 }

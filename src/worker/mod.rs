@@ -56,10 +56,12 @@ pub enum Disposition {
     Requeue,
     /// Send it to the dead-letter queue with this reason.
     DeadLetter(String),
-    /// The job is `queued` again: send its message through the delay queue of `level`.
+    /// The job is `queued` again: send its message through the delay queue of `level`, or, when
+    /// the upstream asked for a longer wait (`Retry-After`), through the delay queue for that.
     RetryLater {
         message: JobMessage,
         level: u32,
+        not_before: Option<Duration>,
     },
 }
 
@@ -210,19 +212,21 @@ impl Worker {
         let result = match disposition {
             Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
             Disposition::Requeue => delivery.nack(requeue).await,
-            Disposition::RetryLater { message, level } => {
-                let delay = self.config.worker.retry_delay(level).as_millis() as u64;
-                let jittered = delay - rand::rng().random_range(0..=delay / 5);
-                let queue_name = self.config.amqp.retry_queue(level);
+            Disposition::RetryLater {
+                message,
+                level,
+                not_before,
+            } => {
+                let (queue_name, delay_ms) = self.retry_route(level, not_before);
                 let envelope = Envelope {
                     exchange: "",
                     routing_key: &queue_name,
-                    expiration_ms: Some(jittered),
+                    expiration_ms: Some(delay_ms),
                     headers: None,
                 };
                 match queue::publish_on(publish, &message, envelope, timeout).await {
                     Ok(()) => {
-                        tracing::info!(job_id = %message.job_id, level, delay_ms = jittered, "retry scheduled");
+                        tracing::info!(job_id = %message.job_id, level, delay_ms, queue = %queue_name, "retry scheduled");
                         delivery.ack(BasicAckOptions::default()).await
                     }
                     Err(e) => {
@@ -261,6 +265,22 @@ impl Worker {
         if let Err(e) = result {
             // The channel is gone; RabbitMQ redelivers the message to the next consumer.
             tracing::warn!(error = %e, "could not settle delivery");
+        }
+    }
+
+    /// The delay queue and delay before the attempt after `level` failed ones: the backoff (minus up
+    /// to 20% jitter) in that level's queue or, when the upstream asked for longer
+    /// (`Retry-After`), that wait, at most `worker.retry_max_ms`, in the `retry.after` queue.
+    fn retry_route(&self, level: u32, not_before: Option<Duration>) -> (String, u64) {
+        let settings = &self.config.worker;
+        let backoff = settings.retry_delay(level).as_millis() as u64;
+        let jittered = backoff - rand::rng().random_range(0..=backoff / 5);
+        match not_before.map(|d| d.as_millis() as u64) {
+            Some(wait) if wait > jittered => (
+                self.config.amqp.retry_after_queue(),
+                wait.min(settings.retry_max_ms).max(jittered),
+            ),
+            _ => (self.config.amqp.retry_queue(level), jittered),
         }
     }
 

@@ -387,6 +387,7 @@ impl Drop for TestEnv {
         let amqp = self.config.amqp.clone();
         let retry_queues: Vec<String> = (1..self.config.worker.max_attempts)
             .map(|level| amqp.retry_queue(level))
+            .chain([amqp.retry_after_queue()])
             .collect();
         // Clean up on a thread of its own: Drop cannot await, and the test's runtime may be
         // shutting down. The broker is always the test broker, even when the test pointed the
