@@ -540,6 +540,23 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_provider_examples_parse_and_validate() {
+        let readme = include_str!("../README.md");
+        let block = readme
+            .split("## Providers")
+            .nth(1)
+            .and_then(|s| s.split("```toml\n").nth(1))
+            .and_then(|s| s.split("```").next())
+            .expect("the README's Providers section has a TOML block");
+        let config: Config = toml::from_str(block).expect("the examples parse");
+        config.validate().expect("the examples are valid");
+        let kinds: Vec<_> = config.models.iter().map(|m| m.provider.as_str()).collect();
+        assert_eq!(kinds, ["openai", "openai", "anthropic", "openai_responses"]);
+        assert_eq!(config.models[1].cap_field, CapField::MaxTokens);
+        assert_eq!(config.models[0].api_key_header.as_deref(), Some("api-key"));
+    }
+
+    #[test]
     fn env_overrides_file() {
         let mut config = Config::default();
         config.apply_env(|name| match name {

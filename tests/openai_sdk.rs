@@ -11,8 +11,15 @@ use std::{
     process::Command,
 };
 
-use common::TestEnv;
-use tollgate::{config::ModelConfig, store::keys::NewKey};
+use common::{
+    upstream::{fixture, FakeUpstream, Script},
+    TestEnv,
+};
+use serde_json::Value;
+use tollgate::{
+    config::{ModelConfig, ProviderKind},
+    store::keys::NewKey,
+};
 
 fn project() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -161,4 +168,63 @@ async fn the_readme_python_snippet_runs() {
     let expected: String = (0..20).map(tollgate::provider::mock_delta).collect();
     assert!(stdout.contains(&expected), "{stdout}");
     assert!(stdout.contains("cancelled\nNever mind\n"), "{stdout}");
+}
+
+/// The answer text of a recorded stream, read straight from the fixture's events.
+fn fixture_text(path: &str) -> String {
+    fixture(path)
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .filter_map(|event| {
+            let text = match event["type"].as_str() {
+                Some("content_block_delta") => event.pointer("/delta/text"),
+                Some("response.output_text.delta") => event.get("delta"),
+                _ => event.pointer("/choices/0/delta/content"),
+            };
+            text.and_then(Value::as_str).map(str::to_string)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_runs_jobs_of_every_provider() {
+    let python = tokio::task::spawn_blocking(python_with_sdk).await.unwrap();
+    let claude_up = FakeUpstream::start(Script::Fixture("anthropic/basic.sse")).await;
+    let responses_up = FakeUpstream::start(Script::Fixture("openai_responses/basic.sse")).await;
+    let length_up = FakeUpstream::start(Script::Fixture("openai_chat/length.sse")).await;
+    let upstream = |name: &str, provider: ProviderKind, up: &FakeUpstream| ModelConfig {
+        provider,
+        base_url: Some(up.base_url()),
+        ..ModelConfig::mock(name)
+    };
+    let env = TestEnv::start(vec![
+        upstream("claude", ProviderKind::Anthropic, &claude_up),
+        upstream("resp", ProviderKind::OpenaiResponses, &responses_up),
+        upstream("chat-cut", ProviderKind::Openai, &length_up),
+    ])
+    .await;
+    let key = env.key().await;
+    let cases = format!(
+        "claude={}\nresp={}\n",
+        fixture_text("anthropic/basic.sse"),
+        fixture_text("openai_responses/basic.sse")
+    );
+    let cut_off = format!("chat-cut={}\n", fixture_text("openai_chat/length.sse"));
+    let stdout = run_python(
+        &python,
+        &project().join("tests/sdk/test_providers.py"),
+        &[
+            ("TOLLGATE_BASE_URL", env.url("/v1").as_str()),
+            ("TOLLGATE_KEY", &key),
+            ("TOLLGATE_CASES", &cases),
+            ("TOLLGATE_CUT_OFF", &cut_off),
+        ],
+    )
+    .await;
+    assert!(stdout.contains("all provider checks passed"), "{stdout}");
+    // Each upstream was called once per job: a background poll and a stream.
+    for up in [&claude_up, &responses_up, &length_up] {
+        assert_eq!(up.calls(), 2);
+    }
 }
