@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::{
-    config::ModelConfig,
+    config::{ModelConfig, ProviderKind},
     provider::{CallRequest, ChatMessage},
 };
 
@@ -224,6 +224,23 @@ impl CreateResponse {
     /// exactly this cap upstream, so the reservation is the upstream's worst-case bill.
     pub fn output_cap(&self, model: &ModelConfig) -> u32 {
         self.max_output_tokens.unwrap_or(model.max_output_tokens)
+    }
+
+    /// Refuses what `model`'s provider cannot honour (a 400 naming the field), rather than
+    /// changing it silently.
+    pub fn check_for(&self, model: &ModelConfig) -> Result<(), InvalidRequest> {
+        if model.provider == ProviderKind::Anthropic {
+            if let Some(t) = self.temperature.filter(|t| *t > 1.0) {
+                return Err(InvalidRequest::new(
+                    format!(
+                        "`temperature` must be between 0 and 1 for model {}, got {t}.",
+                        model.name
+                    ),
+                    Some("temperature"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// What the model's provider is asked for.

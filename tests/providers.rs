@@ -270,6 +270,11 @@ async fn a_cancel_mid_stream_charges_the_streamed_tokens_within_the_budget() {
         Some(expected.min(row.reserved_micro_usd))
     );
     let (in_flight, reserved, spent) = env.counters_of(&key).await;
+    eprintln!(
+        "cancelled after {} deltas: {output} output + {} input tokens, charged {spent} micro-USD",
+        deltas_written(&env, &id).await,
+        row.estimated_input_tokens
+    );
     assert_eq!((in_flight, reserved, spent), (0, 0, expected));
     assert!(spent <= 100_000);
     // The cancel's answer showed the same usage.
@@ -557,4 +562,59 @@ async fn a_job_past_its_timeout_is_charged_for_what_it_streamed() {
         .0;
     assert_eq!(row.cost_micro_usd, Some(expected));
     assert_eq!(env.counters_of(&key).await, (0, 0, expected));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_ignores_the_cap_is_charged_at_most_the_reservation() {
+    // The upstream reports 100,000 output tokens for a request capped at 10.
+    let upstream = FakeUpstream::start(Script::Stream {
+        deltas: (0..50).map(|i| format!("w{i} ")).collect(),
+        prompt_tokens: 10,
+        completion_tokens: 100_000,
+    })
+    .await;
+    let env = start(quick(vec![chat("up", &upstream)])).await;
+    let budget = 1_000_000;
+    let key = env
+        .create_key(NewKey {
+            name: "budgeted".into(),
+            budget: Some(tollgate::money::MicroUsd(budget)),
+            ..Default::default()
+        })
+        .await;
+    let (status, created) = env
+        .submit(
+            &key,
+            json!({"model": "up", "input": "hi", "background": true, "max_output_tokens": 10}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let id = created["id"].as_str().unwrap();
+    let done = env.poll_until_done(&key, id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(upstream.bodies()[0]["max_completion_tokens"], 10);
+    let row = billed(&env, id).await;
+    // The row keeps the real cost; the key pays the reservation and no more.
+    assert_eq!(row.cost_micro_usd, Some(1_500_030));
+    assert_eq!(row.charged_micro_usd, Some(row.reserved_micro_usd));
+    let (_, _, spent) = env.counters_of(&key).await;
+    assert_eq!(spent, row.reserved_micro_usd);
+    assert!(spent <= budget);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_temperature_anthropic_cannot_take_is_refused_not_clamped() {
+    let upstream = FakeUpstream::start(Script::Fixture("anthropic/basic.sse")).await;
+    let env = TestEnv::front_only(vec![model("claude", ProviderKind::Anthropic, &upstream)]).await;
+    let key = env.key().await;
+    let before = env.snapshot().await;
+    let (status, error) = env
+        .submit(
+            &key,
+            json!({"model": "claude", "input": "hi", "background": true, "temperature": 1.5}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+    assert_eq!(error["error"]["param"], "temperature");
+    assert_eq!(env.snapshot().await, before);
 }

@@ -256,6 +256,9 @@ impl Admission {
         if !key.allows_model(&model.name) {
             return Err(Rejection::ModelNotAllowed(model.name.clone()));
         }
+        request
+            .check_for(model)
+            .map_err(Rejection::InvalidRequest)?;
         if let Some(asked) = request.max_output_tokens {
             if asked > model.max_output_tokens {
                 return Err(Rejection::OutputCapExceeded {
