@@ -11,6 +11,8 @@
 //!   the larger of its output count and the estimate.
 //! - An attempt that streamed nothing and reported nothing, and did not end with the end marker,
 //!   costs nothing: the upstream was never reached, or refused before generating anything.
+//! - An attempt whose worker died is charged by the next claim, from the text it had written
+//!   (`jobs.settled_attempt` says which attempts were charged).
 //!
 //! The key's spend is charged at most the job's reservation: the `jobs_release_admission`
 //! trigger (migration `20261124000002`) caps it when the job reaches its terminal state, so spend
@@ -95,8 +97,8 @@ pub fn spent(model: &ModelConfig, usage: Option<Usage>) -> Spent {
     }
 }
 
-/// The charge for a running attempt that its client stopped (cancel, delete): the text streamed
-/// so far, estimated, since the upstream's usage never arrives. A model no longer configured has
+/// The charge for an attempt that its client stopped (cancel, delete): the text streamed so far,
+/// estimated, since the upstream's usage never arrives. A model no longer configured has
 /// no prices: nothing is charged.
 pub fn for_stopped(config: &Config, stopping: &Stopping) -> Spent {
     let Some(model) = config.model(&stopping.model) else {

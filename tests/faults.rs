@@ -277,6 +277,28 @@ async fn jobs_survive_sigkill_of_their_worker_process() {
         attempts_histogram(&rows)
     );
     assert!(rows.iter().any(|r| r.1 >= 2), "some job was taken over");
+    // The output the killed worker had streamed was paid upstream: the next claim charged it.
+    let model = config.model("slow").unwrap();
+    let costs: Vec<(i32, i32, i32, i64)> = sqlx::query_as(
+        "SELECT attempt, input_tokens, output_tokens, cost_micro_usd FROM tollgate.jobs",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let mut with_abandoned = 0;
+    for (attempt, input, output, cost) in costs {
+        let last = model.cost(input as u64, output as u64).0;
+        assert!(cost >= last);
+        if cost > last {
+            assert!(
+                attempt >= 2,
+                "only a taken-over job pays for an earlier attempt"
+            );
+            with_abandoned += 1;
+        }
+    }
+    eprintln!("{with_abandoned} jobs paid for the output of their killed attempt");
+    assert!(with_abandoned >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,6 +119,9 @@ pub enum Claim {
         attempt: i32,
         model: String,
         request: Value,
+        /// What the previous attempt streamed, when its worker died before charging it (empty
+        /// otherwise): the new owner charges it with [`add_cost`].
+        abandoned_output: String,
     },
     /// Another worker holds a live lease on it.
     Running,
@@ -129,27 +132,37 @@ pub enum Claim {
 }
 
 /// Claims a job for a new attempt: `queued → in_progress`, or takes over an `in_progress` job
-/// whose lease expired (its worker is gone). The output of an earlier attempt is cleared.
+/// whose lease expired (its worker is gone). The output of an earlier attempt is cleared; if that
+/// attempt was never charged (its worker died), its output is handed to the caller to charge, and
+/// the attempt counts as settled.
 #[tracing::instrument(skip_all, fields(job_id = %id))]
 pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim, sqlx::Error> {
-    let claimed: Option<(i32, String, Json<Value>)> = sqlx::query_as(
-        "UPDATE tollgate.jobs
-            SET status = 'in_progress', attempt = attempt + 1, output_text = '',
-                started_at = coalesce(started_at, now()), updated_at = now(),
+    let claimed: Option<(i32, String, Json<Value>, String)> = sqlx::query_as(
+        "WITH old AS (
+             SELECT id, attempt, settled_attempt, output_text FROM tollgate.jobs
+              WHERE id = $1 FOR UPDATE
+         )
+         UPDATE tollgate.jobs j
+            SET status = 'in_progress', attempt = j.attempt + 1, output_text = '',
+                settled_attempt = j.attempt,
+                started_at = coalesce(j.started_at, now()), updated_at = now(),
                 lease_until = now() + make_interval(secs => $2)
-          WHERE id = $1
-            AND (status = 'queued' OR (status = 'in_progress' AND lease_until < now()))
-          RETURNING attempt, model, request",
+           FROM old
+          WHERE j.id = old.id
+            AND (j.status = 'queued' OR (j.status = 'in_progress' AND j.lease_until < now()))
+          RETURNING j.attempt, j.model, j.request,
+                    CASE WHEN old.attempt > old.settled_attempt THEN old.output_text ELSE '' END",
     )
     .bind(id)
     .bind(lease_seconds as f64)
     .fetch_optional(pool)
     .await?;
-    if let Some((attempt, model, Json(request))) = claimed {
+    if let Some((attempt, model, Json(request), abandoned_output)) = claimed {
         return Ok(Claim::Claimed {
             attempt,
             model,
             request,
+            abandoned_output,
         });
     }
     let status: Option<JobStatus> =
@@ -237,7 +250,7 @@ pub async fn finish(
         "UPDATE tollgate.jobs
             SET status = $3, input_tokens = $4, output_tokens = $5,
                 cost_micro_usd = coalesce(cost_micro_usd, 0) + $6, usage_estimated = $8,
-                incomplete_reason = $9,
+                incomplete_reason = $9, settled_attempt = attempt,
                 error = $7, finished_at = now(), updated_at = now(), lease_until = NULL
           WHERE id = $1 AND attempt = $2 AND status = 'in_progress'",
     )
@@ -266,13 +279,11 @@ pub enum Cancelled {
     NotFound,
 }
 
-/// A job being stopped by its client (cancel, or delete while unfinished): what its running
-/// attempt had streamed, to charge for it.
+/// A job being stopped by its client (cancel, or delete while unfinished): what its latest,
+/// uncharged attempt had streamed, to charge for it.
 #[derive(Debug)]
 pub struct Stopping {
     pub model: String,
-    /// True when a worker holds the job (an upstream call is under way).
-    pub running: bool,
     pub output_text: String,
     pub estimated_input_tokens: i32,
 }
@@ -307,8 +318,9 @@ async fn stop_unfinished(
     key_id: KeyId,
     charge: impl FnOnce(&Stopping) -> Spent,
 ) -> Result<Option<JobRow>, sqlx::Error> {
-    let locked: Option<(String, JobStatus, String, i32)> = sqlx::query_as(
-        "SELECT model, status, output_text, estimated_input_tokens FROM tollgate.jobs
+    let locked: Option<(String, bool, String, i32)> = sqlx::query_as(
+        "SELECT model, attempt > settled_attempt, output_text, estimated_input_tokens
+           FROM tollgate.jobs
           WHERE id = $1 AND key_id = $2 AND status IN ('queued', 'in_progress')
           FOR UPDATE",
     )
@@ -316,23 +328,23 @@ async fn stop_unfinished(
     .bind(key_id)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((model, status, output_text, estimated_input_tokens)) = locked else {
+    let Some((model, unsettled, output_text, estimated_input_tokens)) = locked else {
         return Ok(None);
     };
-    let stopping = Stopping {
-        model,
-        running: status == JobStatus::InProgress,
-        output_text,
-        estimated_input_tokens,
-    };
-    let spent = if stopping.running {
-        charge(&stopping)
+    // The running attempt, or one whose worker died before charging it.
+    let spent = if unsettled {
+        charge(&Stopping {
+            model,
+            output_text,
+            estimated_input_tokens,
+        })
     } else {
         Spent::default()
     };
     let job = sqlx::query_as(&format!(
         "UPDATE tollgate.jobs
             SET status = 'cancelled', finished_at = now(), updated_at = now(), lease_until = NULL,
+                settled_attempt = attempt,
                 input_tokens = coalesce($3, input_tokens),
                 output_tokens = coalesce($4, output_tokens),
                 usage_estimated = coalesce($5, usage_estimated),
@@ -380,7 +392,7 @@ pub async fn release_claim(
 ) -> Result<bool, sqlx::Error> {
     let released = sqlx::query(
         "UPDATE tollgate.jobs SET status = 'queued', lease_until = NULL, updated_at = now(),
-                cost_micro_usd = CASE WHEN $3 > 0 THEN coalesce(cost_micro_usd, 0) + $3
+                settled_attempt = attempt, cost_micro_usd = CASE WHEN $3 > 0 THEN coalesce(cost_micro_usd, 0) + $3
                                       ELSE cost_micro_usd END
           WHERE id = $1 AND attempt = $2 AND status = 'in_progress'",
     )
@@ -391,6 +403,26 @@ pub async fn release_claim(
     .await?
     .rows_affected();
     Ok(released == 1)
+}
+
+/// Adds `cost` to the job's cost while `attempt` owns it (the charge of an abandoned attempt).
+pub async fn add_cost(
+    pool: &PgPool,
+    id: JobId,
+    attempt: i32,
+    spent: &Spent,
+) -> Result<bool, sqlx::Error> {
+    let added = sqlx::query(
+        "UPDATE tollgate.jobs SET cost_micro_usd = coalesce(cost_micro_usd, 0) + $3
+          WHERE id = $1 AND attempt = $2 AND status = 'in_progress'",
+    )
+    .bind(id)
+    .bind(attempt)
+    .bind(spent.cost.0)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(added == 1)
 }
 
 /// Renews the lease of a running attempt. False when the attempt no longer owns the job.
@@ -426,7 +458,7 @@ pub async fn requeue_for_retry(
 ) -> Result<bool, sqlx::Error> {
     let requeued = sqlx::query(
         "UPDATE tollgate.jobs SET status = 'queued', lease_until = NULL, error = $3, updated_at = now(),
-                cost_micro_usd = CASE WHEN $4 > 0 THEN coalesce(cost_micro_usd, 0) + $4
+                settled_attempt = attempt, cost_micro_usd = CASE WHEN $4 > 0 THEN coalesce(cost_micro_usd, 0) + $4
                                       ELSE cost_micro_usd END
           WHERE id = $1 AND attempt = $2 AND status = 'in_progress'",
     )

@@ -79,13 +79,14 @@ async fn run_inner(
     abort: &CancellationToken,
 ) -> Result<Disposition, sqlx::Error> {
     let settings = &worker.config.worker;
-    let (attempt, model_name, request) = loop {
+    let (attempt, model_name, request, abandoned_output) = loop {
         match jobs::claim(&worker.pool, id, settings.lease_seconds).await? {
             Claim::Claimed {
                 attempt,
                 model,
                 request,
-            } => break (attempt, model, request),
+                abandoned_output,
+            } => break (attempt, model, request, abandoned_output),
             Claim::Finished(status) => {
                 tracing::info!(?status, "job already finished; message skipped");
                 return Ok(Disposition::Ack);
@@ -107,6 +108,17 @@ async fn run_inner(
         tracked.token.clone(),
     );
     tracing::info!(attempt, model = %model_name, "job claimed");
+    if !abandoned_output.is_empty() {
+        settle_abandoned(
+            worker,
+            id,
+            attempt,
+            &model_name,
+            &request,
+            &abandoned_output,
+        )
+        .await?;
+    }
 
     // Attempts also count takeovers of crashed workers: a job that keeps killing its workers
     // must end too.
@@ -226,6 +238,37 @@ async fn run_inner(
         );
     }
     Ok(Disposition::Ack)
+}
+
+/// Charges the attempt before `attempt`, whose worker died mid-stream: the upstream was paid for
+/// what it streamed, and nobody else is left to count it (see `billing`).
+async fn settle_abandoned(
+    worker: &Worker,
+    id: JobId,
+    attempt: i32,
+    model_name: &str,
+    request: &Value,
+    output: &str,
+) -> Result<(), sqlx::Error> {
+    let (Some(model), Ok(request)) = (
+        worker.config.model(model_name),
+        serde_json::from_value::<CreateResponse>(request.clone()),
+    ) else {
+        return Ok(());
+    };
+    let used = Used {
+        output_text: output.to_string(),
+        reported: None,
+    };
+    let spent = used.spent(model, &request.call_request(model), false);
+    if spent.cost > crate::money::MicroUsd::ZERO {
+        jobs::add_cost(&worker.pool, id, attempt, &spent).await?;
+        tracing::info!(
+            cost_micro_usd = spent.cost.0,
+            "charged the abandoned attempt's output"
+        );
+    }
+    Ok(())
 }
 
 /// Renews a running attempt's lease every third of it, from the claim until dropped. When a
