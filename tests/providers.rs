@@ -85,6 +85,16 @@ async fn billed(env: &TestEnv, id: &str) -> Billed {
     .unwrap()
 }
 
+/// A key with this budget in micro-dollars.
+async fn budgeted_key(env: &TestEnv, budget: i64) -> String {
+    env.create_key(NewKey {
+        name: "budgeted".into(),
+        budget: Some(tollgate::money::MicroUsd(budget)),
+        ..Default::default()
+    })
+    .await
+}
+
 /// Deltas the job's latest attempt has written.
 async fn deltas_written(env: &TestEnv, id: &str) -> i32 {
     sqlx::query_scalar(
@@ -232,13 +242,7 @@ async fn a_cancel_mid_stream_charges_the_streamed_tokens_within_the_budget() {
     })
     .await;
     let env = start(quick(vec![chat("up", &upstream)])).await;
-    let key = env
-        .create_key(NewKey {
-            name: "budgeted".into(),
-            budget: Some(tollgate::money::MicroUsd(100_000)),
-            ..Default::default()
-        })
-        .await;
+    let key = budgeted_key(&env, 100_000).await;
     let id = env.submit_ok(&key, "up", "Tell me a long story").await;
     env.wait_for(Duration::from_secs(20), || async {
         deltas_written(&env, &id).await >= 40
@@ -575,13 +579,7 @@ async fn an_upstream_that_ignores_the_cap_is_charged_at_most_the_reservation() {
     .await;
     let env = start(quick(vec![chat("up", &upstream)])).await;
     let budget = 1_000_000;
-    let key = env
-        .create_key(NewKey {
-            name: "budgeted".into(),
-            budget: Some(tollgate::money::MicroUsd(budget)),
-            ..Default::default()
-        })
-        .await;
+    let key = budgeted_key(&env, budget).await;
     let (status, created) = env
         .submit(
             &key,

@@ -209,6 +209,36 @@ pub fn count(usage: &Value, field: &str) -> u32 {
         .min(u32::MAX as u64) as u32
 }
 
+/// What the providers' unit tests share: a recorded stream decoded the way the worker reads it.
+#[cfg(test)]
+pub mod testing {
+    use super::*;
+
+    /// Decodes every event of `text` with `decoder`, errors included, as the stream would yield
+    /// them (without stopping at the first end marker or error, so a test sees everything).
+    pub fn decode_all(mut decoder: impl Decoder, text: &str) -> Vec<Result<Chunk, ProviderError>> {
+        let mut out = Vec::new();
+        for event in SseParser::default().push(text.as_bytes()).unwrap() {
+            match decoder.decode(event) {
+                Ok(chunks) => out.extend(chunks.into_iter().map(Ok)),
+                Err(e) => out.push(Err(e)),
+            }
+        }
+        out
+    }
+
+    /// The answer text of decoded chunks.
+    pub fn text(chunks: &[Result<Chunk, ProviderError>]) -> String {
+        chunks
+            .iter()
+            .filter_map(|c| match c {
+                Ok(Chunk::Delta(d)) => Some(d.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -111,45 +111,39 @@ impl Decoder for ChatDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::{sse::SseParser, ChatMessage};
+    use crate::provider::{
+        http::testing::{self, text},
+        ChatMessage,
+    };
 
-    fn decode_all(text: &str) -> Vec<Result<Chunk, String>> {
-        let mut decoder = ChatDecoder::default();
-        let mut out = Vec::new();
-        for event in SseParser::default().push(text.as_bytes()).unwrap() {
-            match decoder.decode(event) {
-                Ok(chunks) => out.extend(chunks.into_iter().map(Ok)),
-                Err(e) => out.push(Err(e.to_string())),
-            }
-        }
-        out
+    fn decode_all(text: &str) -> Vec<Result<Chunk, ProviderError>> {
+        testing::decode_all(ChatDecoder::default(), text)
     }
 
     #[test]
     fn parses_deltas_stop_reason_usage_and_the_end_marker() {
         let stream = include_str!("../../tests/fixtures/openai_chat/length.sse");
         let chunks = decode_all(stream);
-        assert!(chunks.contains(&Ok(Chunk::End(StopReason::MaxOutputTokens))));
+        assert!(matches!(
+            chunks.last(),
+            Some(Ok(Chunk::End(StopReason::MaxOutputTokens)))
+        ));
         assert!(chunks
             .iter()
             .any(|c| matches!(c, Ok(Chunk::Usage { output_tokens, .. }) if *output_tokens > 0)));
         let stream = include_str!("../../tests/fixtures/openai_chat/basic.sse");
         let chunks = decode_all(stream);
-        assert_eq!(chunks.last(), Some(&Ok(Chunk::End(StopReason::Completed))));
-        let text: String = chunks
-            .iter()
-            .filter_map(|c| match c {
-                Ok(Chunk::Delta(d)) => Some(d.as_str()),
-                _ => None,
-            })
-            .collect();
-        assert!(!text.is_empty());
+        assert!(matches!(
+            chunks.last(),
+            Some(Ok(Chunk::End(StopReason::Completed)))
+        ));
+        assert_eq!(text(&chunks), "Hello! How can I assist you today?");
     }
 
     #[test]
     fn errors_in_the_stream_end_it() {
         let chunks = decode_all("data: {\"error\":{\"message\":\"boom\"}}\n\ndata: not json\n\n");
-        assert!(matches!(&chunks[0], Err(e) if e.contains("boom")));
+        assert!(matches!(&chunks[0], Err(ProviderError::Upstream(e)) if e == "boom"));
         assert!(chunks[1].is_err());
     }
 

@@ -156,28 +156,13 @@ fn upstream_error(error: &Value, fallback: &str) -> ProviderError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::{sse::SseParser, ChatMessage};
+    use crate::provider::{
+        http::testing::{self, text},
+        ChatMessage,
+    };
 
     fn decode_all(text: &str) -> Vec<Result<Chunk, ProviderError>> {
-        let mut decoder = ResponsesDecoder;
-        let mut out = Vec::new();
-        for event in SseParser::default().push(text.as_bytes()).unwrap() {
-            match decoder.decode(event) {
-                Ok(chunks) => out.extend(chunks.into_iter().map(Ok)),
-                Err(e) => out.push(Err(e)),
-            }
-        }
-        out
-    }
-
-    fn text(chunks: &[Result<Chunk, ProviderError>]) -> String {
-        chunks
-            .iter()
-            .filter_map(|c| match c {
-                Ok(Chunk::Delta(d)) => Some(d.as_str()),
-                _ => None,
-            })
-            .collect()
+        testing::decode_all(ResponsesDecoder, text)
     }
 
     fn ok(chunks: Vec<Result<Chunk, ProviderError>>) -> Vec<Chunk> {
