@@ -9,10 +9,13 @@
 //! - a message for a finished job (a redelivery, a second publish) is acked and skipped;
 //! - a message for a job another worker is running waits until that worker's lease lapses, then
 //!   takes the job over (the other worker is gone) or finds it finished;
-//! - a retryable upstream failure (connection, timeout before the first token, 429, 5xx) puts
-//!   the job back to `queued` and its message into the delay queue of that attempt, until
-//!   `worker.max_attempts`; then, or for any other upstream failure, the job ends `failed` with the
-//!   error stored;
+//! - a retryable upstream failure (connection, timeout before the first token, a stream cut off
+//!   before its end marker, 408, 409, 429, 5xx) puts the job back to `queued` and its message into
+//!   the delay queue of that attempt (or, when the upstream's `Retry-After` asks for longer, into
+//!   `retry.after` for that long), until `worker.max_attempts`; then, or for any other upstream
+//!   failure, the job ends `failed` with the error stored; either way what the attempt streamed is
+//!   charged (see `billing`);
+//! - a length or content-filter stop ends the job `incomplete`, with its reason;
 //! - a job cancelled while running is stopped at once (NOTIFY `tollgate_job_cancelled`; failing
 //!   that, at its next write or lease renewal);
 //! - a PostgreSQL failure hands the message back (nack + requeue) so the job runs again later;
