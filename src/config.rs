@@ -136,6 +136,8 @@ pub struct ServerConfig {
     pub listen: String,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Most items (messages) a request's `input` may hold.
+    pub max_input_items: usize,
     /// How often the outbox relay looks for messages that were not confirmed, in milliseconds.
     pub relay_interval_ms: u64,
     /// The relay leaves an outbox row this young to the front's own publish, in milliseconds.
@@ -162,6 +164,7 @@ impl Default for ServerConfig {
         Self {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 1024 * 1024,
+            max_input_items: 2048,
             relay_interval_ms: 1000,
             relay_grace_ms: 5000,
             queued_job_ttl_seconds: 86_400,

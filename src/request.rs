@@ -169,6 +169,32 @@ impl CreateResponse {
                 }
             }
         }
+        if let Some(metadata) = &self.metadata {
+            // OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512.
+            if metadata.len() > 16 {
+                return Err(InvalidRequest::new(
+                    format!(
+                        "`metadata` may hold at most 16 pairs, got {}.",
+                        metadata.len()
+                    ),
+                    Some("metadata"),
+                ));
+            }
+            for (key, value) in metadata {
+                if key.chars().count() > 64 {
+                    return Err(InvalidRequest::new(
+                        "`metadata` keys may be at most 64 characters long.",
+                        Some("metadata"),
+                    ));
+                }
+                if value.chars().count() > 512 {
+                    return Err(InvalidRequest::new(
+                        "`metadata` values may be at most 512 characters long.",
+                        Some(&format!("metadata.{key}")),
+                    ));
+                }
+            }
+        }
         if self.max_output_tokens == Some(0) {
             return Err(InvalidRequest::new(
                 "`max_output_tokens` must be at least 1.",
@@ -226,9 +252,24 @@ impl CreateResponse {
         self.max_output_tokens.unwrap_or(model.max_output_tokens)
     }
 
-    /// Refuses what `model`'s provider cannot honour (a 400 naming the field), rather than
-    /// changing it silently.
-    pub fn check_for(&self, model: &ModelConfig) -> Result<(), InvalidRequest> {
+    /// Refuses what this server's limits (`server.max_input_items`) or `model`'s provider cannot
+    /// take (a 400 naming the field), rather than changing it silently.
+    pub fn check_for(
+        &self,
+        model: &ModelConfig,
+        max_input_items: usize,
+    ) -> Result<(), InvalidRequest> {
+        if let Input::Items(items) = &self.input {
+            if items.len() > max_input_items {
+                return Err(InvalidRequest::new(
+                    format!(
+                        "`input` may hold at most {max_input_items} items, got {}.",
+                        items.len()
+                    ),
+                    Some("input"),
+                ));
+            }
+        }
         if model.provider == ProviderKind::Anthropic {
             if let Some(t) = self.temperature.filter(|t| *t > 1.0) {
                 return Err(InvalidRequest::new(
@@ -272,6 +313,26 @@ mod tests {
         let messages = r.messages();
         assert_eq!(messages[0].role, "system");
         assert_eq!(messages[1].content, "ab");
+    }
+
+    #[test]
+    fn metadata_has_openai_limits() {
+        let pairs: serde_json::Map<String, Value> = (0..17)
+            .map(|i| (format!("k{i}"), Value::from("v")))
+            .collect();
+        let body = serde_json::json!({"model": "m", "input": "x", "metadata": pairs});
+        let e = CreateResponse::parse(body.to_string().as_bytes()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("metadata"));
+        let body =
+            serde_json::json!({"model": "m", "input": "x", "metadata": {"k": "v".repeat(513)}});
+        let e = CreateResponse::parse(body.to_string().as_bytes()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("metadata.k"));
+        let body =
+            serde_json::json!({"model": "m", "input": "x", "metadata": {"k".repeat(65): "v"}});
+        assert!(CreateResponse::parse(body.to_string().as_bytes()).is_err());
+        let body = serde_json::json!({"model": "m", "input": "x",
+            "metadata": {"k".repeat(64): "v".repeat(512)}});
+        assert!(CreateResponse::parse(body.to_string().as_bytes()).is_ok());
     }
 
     #[test]

@@ -472,7 +472,12 @@ async fn a_follower_of_a_deleted_job_ends() {
         .await
         .unwrap();
     let events = follower.await.unwrap();
-    assert_eq!(types(&events), ["response.created", "response.queued"]);
+    assert_eq!(
+        types(&events),
+        ["response.created", "response.queued", "error"]
+    );
+    assert_eq!(events[2].data["code"], "response_deleted");
+    assert_eq!(events[2].data["sequence_number"], 2);
 }
 
 async fn input_items(env: &TestEnv, key: &str, id: &str, query: &str) -> (StatusCode, Value) {

@@ -257,7 +257,7 @@ impl Admission {
             return Err(Rejection::ModelNotAllowed(model.name.clone()));
         }
         request
-            .check_for(model)
+            .check_for(model, self.config.server.max_input_items)
             .map_err(Rejection::InvalidRequest)?;
         if let Some(asked) = request.max_output_tokens {
             if asked > model.max_output_tokens {

@@ -65,10 +65,20 @@ pub enum ApiError {
 impl ApiError {
     pub fn job_not_found(id: &str) -> Self {
         ApiError::NotFound {
-            message: format!("No response found with id '{id}'."),
+            message: format!("No response found with id '{}'.", echo(id)),
             param: None,
             code: None,
         }
+    }
+}
+
+/// At most the first 64 characters of something a client sent, for an error message: enough to
+/// recognise it, never a megabyte echoed back.
+pub fn echo(sent: &str) -> String {
+    const MAX: usize = 64;
+    match sent.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &sent[..cut]),
+        None => sent.to_string(),
     }
 }
 

@@ -230,9 +230,13 @@ impl Follower {
     async fn read(&mut self) -> Result<Vec<StreamEvent>, sqlx::Error> {
         // The job row first: its events were written before any status it shows.
         let Some(job) = jobs::get_for_key(&self.state.pool, self.id, self.key_id).await? else {
-            // Deleted: nothing more will come.
+            // Deleted: nothing more will come, and the client must hear so rather than wait for
+            // a terminal event that will never be written.
             self.done = true;
-            return Ok(Vec::new());
+            return Ok(vec![self.error_event(
+                "response_deleted",
+                "The response was deleted while it was being streamed.",
+            )]);
         };
         if self.streamed_attempt.is_some_and(|a| a != job.attempt) {
             self.done = true;
