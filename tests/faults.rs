@@ -600,3 +600,39 @@ async fn a_duplicate_message_for_a_running_job_does_not_run_it_twice() {
     assert_eq!(upstream.calls(), 1, "the upstream was called once");
     assert_eq!(jobs(&env).await[0].1, 1, "one attempt");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_hand_back_does_not_use_up_an_attempt() {
+    // One attempt allowed, and no grace at shutdown: every stop hands the running job back.
+    let mut slow = ModelConfig::mock("slow");
+    slow.mock_deltas = 40;
+    slow.mock_delay_ms = 50;
+    let mut config = fault_config(vec![slow]);
+    config.worker.max_attempts = 1;
+    config.worker.shutdown_grace_seconds = 0;
+    let mut env = TestEnv::front_with(config).await;
+    let key = env.key().await;
+    let id = env.submit_ok(&key, "slow", "long job").await;
+    // Three rolling deploys while it streams.
+    for _ in 0..3 {
+        env.start_worker();
+        wait_until_streaming(&env, 1).await;
+        env.stop_worker().await;
+        let (status, _) = env.get(&key, &id).await;
+        assert_eq!(status, StatusCode::OK);
+        let state: String = sqlx::query_scalar("SELECT status::text FROM tollgate.jobs")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        assert_eq!(state, "queued", "handed back, not failed");
+    }
+    env.start_worker();
+    let done = env.poll_until_done(&key, &id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let (attempt, handbacks): (i32, i32) =
+        sqlx::query_as("SELECT attempt, handbacks FROM tollgate.jobs")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!((attempt, handbacks), (4, 3));
+}

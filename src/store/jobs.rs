@@ -122,6 +122,8 @@ pub enum Claim {
         /// What the previous attempt streamed, when its worker died before charging it (empty
         /// otherwise): the new owner charges it with [`add_cost`].
         abandoned_output: String,
+        /// Attempts the job has really used: `attempt` less the graceful hand-backs.
+        tries: i32,
     },
     /// Another worker holds a live lease on it.
     Running,
@@ -137,7 +139,7 @@ pub enum Claim {
 /// the attempt counts as settled.
 #[tracing::instrument(skip_all, fields(job_id = %id))]
 pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim, sqlx::Error> {
-    let claimed: Option<(i32, String, Json<Value>, String)> = sqlx::query_as(
+    let claimed: Option<(i32, String, Json<Value>, String, i32)> = sqlx::query_as(
         "WITH old AS (
              SELECT id, attempt, settled_attempt, output_text FROM tollgate.jobs
               WHERE id = $1 FOR UPDATE
@@ -151,18 +153,20 @@ pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim
           WHERE j.id = old.id
             AND (j.status = 'queued' OR (j.status = 'in_progress' AND j.lease_until < now()))
           RETURNING j.attempt, j.model, j.request,
-                    CASE WHEN old.attempt > old.settled_attempt THEN old.output_text ELSE '' END",
+                    CASE WHEN old.attempt > old.settled_attempt THEN old.output_text ELSE '' END,
+                    j.attempt - j.handbacks",
     )
     .bind(id)
     .bind(lease_seconds as f64)
     .fetch_optional(pool)
     .await?;
-    if let Some((attempt, model, Json(request), abandoned_output)) = claimed {
+    if let Some((attempt, model, Json(request), abandoned_output, tries)) = claimed {
         return Ok(Claim::Claimed {
             attempt,
             model,
             request,
             abandoned_output,
+            tries,
         });
     }
     let status: Option<JobStatus> =
@@ -382,7 +386,8 @@ pub async fn expire_queued(pool: &PgPool, ttl_seconds: u64) -> Result<u64, sqlx:
 
 /// Gives a claimed job back (`in_progress → queued`) when its worker stops before finishing it,
 /// so the next delivery claims it at once instead of waiting for the lease to lapse. What the
-/// attempt cost so far is added to the job's cost.
+/// attempt cost so far is added to the job's cost; the hand-back is counted in `handbacks`, so it
+/// does not use up one of the job's attempts.
 #[tracing::instrument(skip_all, fields(job_id = %id))]
 pub async fn release_claim(
     pool: &PgPool,
@@ -392,7 +397,8 @@ pub async fn release_claim(
 ) -> Result<bool, sqlx::Error> {
     let released = sqlx::query(
         "UPDATE tollgate.jobs SET status = 'queued', lease_until = NULL, updated_at = now(),
-                settled_attempt = attempt, cost_micro_usd = CASE WHEN $3 > 0 THEN coalesce(cost_micro_usd, 0) + $3
+                settled_attempt = attempt, handbacks = handbacks + 1,
+                cost_micro_usd = CASE WHEN $3 > 0 THEN coalesce(cost_micro_usd, 0) + $3
                                       ELSE cost_micro_usd END
           WHERE id = $1 AND attempt = $2 AND status = 'in_progress'",
     )

@@ -79,14 +79,15 @@ async fn run_inner(
     abort: &CancellationToken,
 ) -> Result<Disposition, sqlx::Error> {
     let settings = &worker.config.worker;
-    let (attempt, model_name, request, abandoned_output) = loop {
+    let (attempt, tries, model_name, request, abandoned_output) = loop {
         match jobs::claim(&worker.pool, id, settings.lease_seconds).await? {
             Claim::Claimed {
                 attempt,
                 model,
                 request,
                 abandoned_output,
-            } => break (attempt, model, request, abandoned_output),
+                tries,
+            } => break (attempt, tries, model, request, abandoned_output),
             Claim::Finished(status) => {
                 tracing::info!(?status, "job already finished; message skipped");
                 return Ok(Disposition::Ack);
@@ -121,8 +122,8 @@ async fn run_inner(
     }
 
     // Attempts also count takeovers of crashed workers: a job that keeps killing its workers
-    // must end too.
-    if attempt as u32 > settings.max_attempts {
+    // must end too. Graceful hand-backs (shutdown) do not count.
+    if tries as u32 > settings.max_attempts {
         let error = error_json(
             "max_attempts",
             format!("gave up after {} attempts", settings.max_attempts),
@@ -185,13 +186,13 @@ async fn run_inner(
                 error: None,
             }
         }
-        StreamEnd::Failed(e) if e.is_retryable() && (attempt as u32) < settings.max_attempts => {
+        StreamEnd::Failed(e) if e.is_retryable() && (tries as u32) < settings.max_attempts => {
             tracing::warn!(error = %e, attempt, "upstream failed; will retry");
             let error = error_json(e.code(), e.to_string(), attempt);
             if jobs::requeue_for_retry(&worker.pool, id, attempt, &error, spent.cost).await? {
                 return Ok(Disposition::RetryLater {
                     message: JobMessage::new(id, &model_name),
-                    level: attempt as u32,
+                    level: tries as u32,
                     not_before: e.retry_after(),
                 });
             }
