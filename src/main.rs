@@ -42,7 +42,8 @@ enum KeysCommand {
     Create(CreateKey),
     /// List keys with their limits and live counters (JSON lines).
     List,
-    /// Revoke a key by its id or its printed prefix (`sk-tg-…`, first 10 characters).
+    /// Revoke one key by its id or its printed prefix (`sk-tg-` and 8 hex digits). A prefix that
+    /// names several live keys (older keys had 4 digits) revokes none.
     Revoke { key: String },
 }
 
@@ -113,10 +114,24 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Keys(KeysCommand::Revoke { key }) => {
-            if !store::keys::revoke(&pool, &key).await? {
-                anyhow::bail!("no live key with id or prefix {key:?}");
+            match store::keys::revoke(&pool, &key).await? {
+                store::keys::Revoked::One(id, name) => println!("revoked {id} ({name})"),
+                store::keys::Revoked::None => {
+                    anyhow::bail!("no live key with id or prefix {key:?}")
+                }
+                store::keys::Revoked::Ambiguous(keys) => {
+                    let listed: Vec<String> = keys
+                        .iter()
+                        .map(|(id, name)| format!("{id} ({name})"))
+                        .collect();
+                    anyhow::bail!(
+                        "the prefix {key:?} names {} live keys; nothing was revoked. Revoke one by \
+                         its id: {}",
+                        keys.len(),
+                        listed.join(", ")
+                    )
+                }
             }
-            println!("revoked {key}");
         }
     }
     Ok(())

@@ -62,10 +62,28 @@ fn new_secret() -> String {
     format!("sk-tg-{}", hex::encode(bytes))
 }
 
+/// Characters of a secret shown as its prefix: `sk-tg-` and 8 hex digits.
+pub const PREFIX_LEN: usize = 14;
+
 /// Creates a key with its counter row and returns its id and secret (the only time the secret
 /// exists outside the client).
 #[tracing::instrument(skip_all, fields(name = %new.name))]
 pub async fn create(pool: &PgPool, new: &NewKey) -> Result<(KeyId, String), sqlx::Error> {
+    // A fresh secret whose prefix another key has (one chance in 2^32 per key) is drawn again.
+    let mut tries = 0;
+    loop {
+        match try_create(pool, new).await {
+            Err(sqlx::Error::Database(e))
+                if e.constraint() == Some("api_keys_prefix") && tries < 5 =>
+            {
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn try_create(pool: &PgPool, new: &NewKey) -> Result<(KeyId, String), sqlx::Error> {
     let id = KeyId(Uuid::now_v7());
     let secret = new_secret();
     let mut tx = pool.begin().await?;
@@ -78,7 +96,7 @@ pub async fn create(pool: &PgPool, new: &NewKey) -> Result<(KeyId, String), sqlx
     .bind(id)
     .bind(&new.name)
     .bind(hash_secret(&secret))
-    .bind(&secret[..10])
+    .bind(&secret[..PREFIX_LEN])
     .bind(new.rpm_limit)
     .bind(new.tpm_limit)
     .bind(new.max_in_flight)
@@ -112,19 +130,42 @@ pub async fn find_live<'e>(
     .await
 }
 
-/// Revokes a key, named by its id or its printed prefix. Returns false when no live key matched.
-pub async fn revoke(pool: &PgPool, id_or_prefix: &str) -> Result<bool, sqlx::Error> {
+/// What revoking found.
+#[derive(Debug, PartialEq)]
+pub enum Revoked {
+    /// This key (id, name) is now revoked.
+    One(KeyId, String),
+    /// No live key has this id or prefix.
+    None,
+    /// The prefix names several live keys (id, name each): nothing was revoked.
+    Ambiguous(Vec<(KeyId, String)>),
+}
+
+/// Revokes one live key, named by its id or its printed prefix. A prefix that names several live
+/// keys revokes none: the caller names the key by its id instead.
+pub async fn revoke(pool: &PgPool, id_or_prefix: &str) -> Result<Revoked, sqlx::Error> {
     let id = Uuid::try_parse(id_or_prefix).ok();
-    let revoked = sqlx::query(
-        "UPDATE tollgate.api_keys SET revoked_at = now()
-          WHERE revoked_at IS NULL AND (id = $1 OR key_prefix = $2)",
+    let mut tx = pool.begin().await?;
+    let matched: Vec<(KeyId, String)> = sqlx::query_as(
+        "SELECT id, name FROM tollgate.api_keys
+          WHERE revoked_at IS NULL AND (id = $1 OR key_prefix = $2)
+          ORDER BY id FOR UPDATE",
     )
     .bind(id)
     .bind(id_or_prefix)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    Ok(revoked > 0)
+    .fetch_all(&mut *tx)
+    .await?;
+    let (key_id, name) = match <[_; 1]>::try_from(matched) {
+        Ok([one]) => one,
+        Err(matched) if matched.is_empty() => return Ok(Revoked::None),
+        Err(matched) => return Ok(Revoked::Ambiguous(matched)),
+    };
+    sqlx::query("UPDATE tollgate.api_keys SET revoked_at = now() WHERE id = $1")
+        .bind(key_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Revoked::One(key_id, name))
 }
 
 /// A key as `tollgate keys list` shows it.
