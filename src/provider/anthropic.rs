@@ -4,14 +4,18 @@
 //! `system` string; the API wants the rest to alternate between `user` and `assistant`, so
 //! neighbours of the same role are merged.
 //!
-//! Events (named by their data's `type`): `message_start` carries the input usage;
-//! `content_block_delta` with a `text_delta` carries text; `message_delta` carries the
-//! `stop_reason` and the cumulative output usage; `message_stop` is the only end marker. `ping`,
-//! block starts and stops, and types this module does not know are skipped. An `error` event
-//! ends the stream: `overloaded_error`, `api_error` and `rate_limit_error` are retried.
+//! Events (named by their data's `type`): `message_start` carries the input usage (the input
+//! proper plus cache writes and reads, which are billed input too); `content_block_delta` with a
+//! `text_delta` carries text (thinking, tool input, signatures and citations are dropped);
+//! `message_delta` carries the `stop_reason` and cumulative usage (always the output, and in newer
+//! API versions the input again, which then replaces the start's); `message_stop` is the only end
+//! marker. `ping`, block starts and stops, and types this module does not know are skipped. An
+//! `error` event ends the stream: `overloaded_error`, `api_error`, `rate_limit_error` and
+//! `timeout_error` are retried, as their HTTP answers (529, 500, 429, 504) would be.
 //!
-//! Stop reasons: `max_tokens` → cut off at the cap; `refusal` → filtered; `end_turn`,
-//! `stop_sequence`, `tool_use`, `pause_turn` → a natural end.
+//! Stop reasons: `max_tokens` and `model_context_window_exceeded` → cut off; `refusal` →
+//! filtered; `end_turn`, `stop_sequence`, `tool_use`, `pause_turn` (and any newer one) → a
+//! natural end.
 
 use serde_json::{json, Value};
 
@@ -40,7 +44,8 @@ pub async fn stream(
     Ok(http::decode_stream(response, AnthropicDecoder::default()))
 }
 
-/// The upstream request.
+/// The upstream request. A conversation that opens with `assistant`, or has nothing but system
+/// messages, is sent as it is: the upstream's 400 names the problem better than a guess would.
 fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
     let mut system: Vec<&str> = Vec::new();
     let mut messages: Vec<(&str, String)> = Vec::new();
@@ -48,6 +53,7 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
         match message.role.as_str() {
             "system" => system.push(&message.content),
             role => {
+                // Only `user` and `assistant` exist upstream; anything else is the caller's words.
                 let role = if role == "assistant" {
                     "assistant"
                 } else {
@@ -86,13 +92,43 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
     body
 }
 
+/// The input usage fields; their sum is what the request was billed as input.
+const INPUT_FIELDS: [&str; 3] = [
+    "input_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+];
+
 /// The Messages API wire format.
 #[derive(Debug, Default)]
 struct AnthropicDecoder {
-    /// Input tokens, as `message_start` reported them (with cache reads and writes).
-    input_tokens: u32,
+    /// The latest reported value of each of [`INPUT_FIELDS`], kept apart because a
+    /// `message_delta` may repeat only some of them.
+    input: [u32; 3],
     /// The `stop_reason` of `message_delta`.
     stop: Option<StopReason>,
+}
+
+impl AnthropicDecoder {
+    /// Takes the input counts `usage` reports; an absent or null field keeps the earlier value
+    /// (a `message_delta` from an older API version reports only the output).
+    fn update_input(&mut self, usage: &Value) {
+        for (slot, field) in self.input.iter_mut().zip(INPUT_FIELDS) {
+            if usage.get(field).is_some_and(|v| !v.is_null()) {
+                *slot = http::count(usage, field);
+            }
+        }
+    }
+
+    fn usage(&self, usage: &Value) -> Chunk {
+        Chunk::Usage {
+            input_tokens: self
+                .input
+                .iter()
+                .fold(0u32, |sum, n| sum.saturating_add(*n)),
+            output_tokens: http::count(usage, "output_tokens"),
+        }
+    }
 }
 
 impl Decoder for AnthropicDecoder {
@@ -106,13 +142,8 @@ impl Decoder for AnthropicDecoder {
         match kind {
             "message_start" => {
                 let usage = value.pointer("/message/usage").unwrap_or(&Value::Null);
-                self.input_tokens = http::count(usage, "input_tokens")
-                    .saturating_add(http::count(usage, "cache_creation_input_tokens"))
-                    .saturating_add(http::count(usage, "cache_read_input_tokens"));
-                Ok(vec![Chunk::Usage {
-                    input_tokens: self.input_tokens,
-                    output_tokens: http::count(usage, "output_tokens"),
-                }])
+                self.update_input(usage);
+                Ok(vec![self.usage(usage)])
             }
             "content_block_delta" => {
                 let delta = value.get("delta").unwrap_or(&Value::Null);
@@ -129,16 +160,19 @@ impl Decoder for AnthropicDecoder {
             "message_delta" => {
                 if let Some(reason) = value.pointer("/delta/stop_reason").and_then(Value::as_str) {
                     self.stop = Some(match reason {
-                        "max_tokens" => StopReason::MaxOutputTokens,
+                        // Both cut the answer short: the cap, or the context window before it.
+                        "max_tokens" | "model_context_window_exceeded" => {
+                            StopReason::MaxOutputTokens
+                        }
                         "refusal" => StopReason::ContentFilter,
                         _ => StopReason::Completed,
                     });
                 }
                 Ok(match value.get("usage").filter(|u| u.is_object()) {
-                    Some(usage) => vec![Chunk::Usage {
-                        input_tokens: self.input_tokens,
-                        output_tokens: http::count(usage, "output_tokens"),
-                    }],
+                    Some(usage) => {
+                        self.update_input(usage);
+                        vec![self.usage(usage)]
+                    }
                     None => Vec::new(),
                 })
             }
@@ -156,6 +190,7 @@ impl Decoder for AnthropicDecoder {
                     Some("overloaded_error") => 529,
                     Some("api_error") => 500,
                     Some("rate_limit_error") => 429,
+                    Some("timeout_error") => 504,
                     _ => return Err(ProviderError::Upstream(message)),
                 };
                 Err(ProviderError::Status {
@@ -226,9 +261,17 @@ mod tests {
         ));
         assert!(!text(&chunks).is_empty());
         match chunks.last() {
-            Some(Err(e)) => assert!(e.is_retryable(), "{e}"),
+            Some(Err(
+                e @ ProviderError::Status {
+                    status: 529, body, ..
+                },
+            )) => {
+                assert_eq!(body, "Overloaded");
+                assert!(e.is_retryable());
+            }
             other => panic!("{other:?}"),
         }
+        assert!(!chunks.iter().any(|c| matches!(c, Ok(Chunk::End(_)))));
         let bad = "data: {\"type\":\"error\",\"error\":{\"type\":\"invalid_request_error\",\"message\":\"no\"}}\n\n";
         assert!(matches!(
             decode_all(bad).last(),
@@ -246,6 +289,121 @@ mod tests {
     }
 
     #[test]
+    fn input_usage_sums_cache_fields_and_a_later_report_replaces_it() {
+        let stream = concat!(
+            "event: message_start\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,",
+            "\"cache_creation_input_tokens\":5,\"cache_read_input_tokens\":100,\"output_tokens\":1}}}\n\n",
+            "event: message_delta\n",
+            "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},",
+            "\"usage\":{\"output_tokens\":7}}\n\n",
+            "event: message_delta\n",
+            "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},",
+            "\"usage\":{\"input_tokens\":12,\"cache_read_input_tokens\":null,\"output_tokens\":9}}\n\n",
+        );
+        let usages: Vec<(u32, u32)> = decode_all(stream)
+            .iter()
+            .filter_map(|c| match c {
+                Ok(Chunk::Usage {
+                    input_tokens,
+                    output_tokens,
+                }) => Some((*input_tokens, *output_tokens)),
+                _ => None,
+            })
+            .collect();
+        // The second delta's input replaces the start's; its null cache read keeps the old one.
+        assert_eq!(usages, vec![(115, 1), (115, 7), (117, 9)]);
+    }
+
+    #[test]
+    fn other_events_and_deltas_are_skipped() {
+        let stream = concat!(
+            "event: ping\ndata: {\"type\": \"ping\"}\n\n",
+            "data: {\"type\":\"content_block_start\",\"index\":0,",
+            "\"content_block\":{\"type\":\"thinking\",\"thinking\":\"\"}}\n\n",
+            "data: {\"type\":\"content_block_delta\",\"index\":0,",
+            "\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"hmm\"}}\n\n",
+            "data: {\"type\":\"content_block_delta\",\"index\":0,",
+            "\"delta\":{\"type\":\"signature_delta\",\"signature\":\"abc\"}}\n\n",
+            "data: {\"type\":\"content_block_delta\",\"index\":1,",
+            "\"delta\":{\"type\":\"text_delta\",\"text\":\"\"}}\n\n",
+            "data: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+            "event: some_future_event\ndata: {\"type\":\"some_future_event\"}\n\n",
+        );
+        assert!(decode_all(stream).is_empty());
+        // Without a `type` in the data, the event's name still says what it is.
+        let chunks = decode_all("event: message_stop\ndata: {}\n\n");
+        assert!(matches!(
+            chunks.as_slice(),
+            [Ok(Chunk::End(StopReason::Completed))]
+        ));
+    }
+
+    #[test]
+    fn a_full_context_window_is_cut_off() {
+        let stream = "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"model_context_window_exceeded\"},\"usage\":{\"output_tokens\":3}}\n\ndata: {\"type\":\"message_stop\"}\n\n";
+        assert!(matches!(
+            decode_all(stream).last(),
+            Some(Ok(Chunk::End(StopReason::MaxOutputTokens)))
+        ));
+    }
+
+    #[test]
+    fn error_events_keep_their_http_status() {
+        for (kind, status) in [
+            ("overloaded_error", 529),
+            ("api_error", 500),
+            ("rate_limit_error", 429),
+            ("timeout_error", 504),
+        ] {
+            let stream = format!(
+                "event: error\ndata: {{\"type\":\"error\",\"error\":{{\"type\":\"{kind}\",\"message\":\"m\"}}}}\n\n"
+            );
+            match decode_all(&stream).as_slice() {
+                [Err(
+                    e @ ProviderError::Status {
+                        status: s, body, ..
+                    },
+                )] => {
+                    assert_eq!((*s, body.as_str()), (status, "m"));
+                    assert!(e.is_retryable());
+                }
+                other => panic!("{kind}: {other:?}"),
+            }
+        }
+        assert!(decode_all("event: error\ndata: {not json\n\n")[0].is_err());
+    }
+
+    #[test]
+    fn odd_conversations_do_not_panic() {
+        let mut request = CallRequest {
+            messages: vec![
+                ChatMessage::new("assistant", "x"),
+                ChatMessage::new("system", "s"),
+                ChatMessage::new("assistant", "y"),
+            ],
+            max_output_tokens: 1,
+            temperature: None,
+            top_p: Some(0.9),
+        };
+        let model = ModelConfig::mock("claude");
+        let body = request_body(&model, &request);
+        assert_eq!(
+            body["messages"],
+            json!([{"role": "assistant", "content": "x\n\ny"}])
+        );
+        assert_eq!(body["top_p"], 0.9);
+        assert!(body.get("temperature").is_none());
+        request.messages = vec![ChatMessage::new("system", "only")];
+        let body = request_body(&model, &request);
+        assert_eq!(body["messages"], json!([]));
+        assert_eq!(body["system"], "only");
+        assert_eq!(body["max_tokens"], 1);
+        request.messages.clear();
+        assert!(request_body(&model, &request).get("system").is_none());
+    }
+
+    #[test]
     fn system_messages_go_to_system_and_roles_alternate() {
         let request = CallRequest {
             messages: vec![
@@ -255,6 +413,8 @@ mod tests {
                 ChatMessage::new("assistant", "c"),
                 ChatMessage::new("system", "Be kind."),
                 ChatMessage::new("user", "d"),
+                ChatMessage::new("system", "Be exact."),
+                ChatMessage::new("user", "e"),
             ],
             max_output_tokens: 55,
             temperature: Some(0.5),
@@ -266,7 +426,7 @@ mod tests {
         assert_eq!(body["model"], "claude-sonnet-4-5");
         assert_eq!(body["max_tokens"], 55);
         assert_eq!(body["stream"], true);
-        assert_eq!(body["system"], "Be brief.\n\nBe kind.");
+        assert_eq!(body["system"], "Be brief.\n\nBe kind.\n\nBe exact.");
         assert_eq!(body["temperature"], 0.5);
         assert!(body.get("top_p").is_none());
         assert_eq!(
@@ -274,7 +434,8 @@ mod tests {
             json!([
                 {"role": "user", "content": "a\n\nb"},
                 {"role": "assistant", "content": "c"},
-                {"role": "user", "content": "d"},
+                // A system message between two user turns does not keep them apart.
+                {"role": "user", "content": "d\n\ne"},
             ])
         );
     }
