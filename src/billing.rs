@@ -97,7 +97,8 @@ pub fn spent(model: &ModelConfig, usage: Option<Usage>) -> Spent {
     }
 }
 
-/// The charge for an attempt that its client stopped (cancel, delete): the text streamed so far,
+/// The charge for an attempt stopped before its end marker with no usage to show: stopped by its
+/// client (cancel, delete), or abandoned by a worker that died. The text streamed so far is
 /// estimated, since the upstream's usage never arrives. A model no longer configured has
 /// no prices: nothing is charged.
 pub fn for_stopped(config: &Config, stopping: &Stopping) -> Spent {

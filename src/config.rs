@@ -188,7 +188,7 @@ pub struct WorkerConfig {
     pub flush_interval_ms: u64,
     /// How long a claimed job stays owned by its worker without a renewal. A task beside the
     /// upstream call renews it every third of it, from the claim to the attempt's last write
-    /// (and every flush renews it too); a job whose lease lapsed (its worker died) is rescued.
+    /// (its only renewal); a job whose lease lapsed (its worker died) is rescued.
     pub lease_seconds: u32,
     /// Attempts a job gets before a retryable upstream failure fails it for good.
     pub max_attempts: u32,

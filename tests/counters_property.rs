@@ -20,7 +20,7 @@ use tollgate::{
     money::MicroUsd,
     request::CreateResponse,
     store::{
-        jobs::{self, Claim, Outcome, Spent},
+        jobs::{self, Claim, Claimed, Outcome, Spent},
         keys::{self, NewKey},
     },
 };
@@ -82,7 +82,9 @@ impl Run<'_> {
                     Op::Finish { input, output, .. } => (input, output),
                     _ => (10, 10),
                 };
-                if let Claim::Claimed { attempt, .. } = jobs::claim(pool, id, 30).await.unwrap() {
+                if let Claim::Claimed(Claimed { attempt, .. }) =
+                    jobs::claim(pool, id, 30).await.unwrap()
+                {
                     let model = self.env.config.model("mock-1").unwrap();
                     let outcome = Outcome {
                         status: JobStatus::Completed,
@@ -103,7 +105,9 @@ impl Run<'_> {
             }
             Op::Fail { job } if pick(job).is_some() => {
                 let id = pick(job).unwrap();
-                if let Claim::Claimed { attempt, .. } = jobs::claim(pool, id, 30).await.unwrap() {
+                if let Claim::Claimed(Claimed { attempt, .. }) =
+                    jobs::claim(pool, id, 30).await.unwrap()
+                {
                     let outcome = Outcome {
                         status: JobStatus::Failed,
                         spent: Spent::default(),

@@ -428,15 +428,8 @@ async fn delete_removes_the_job_and_gives_back_its_slot() {
     let key = env.key().await;
     let id = env.submit_ok(&key, "mock-1", "delete me").await;
     assert_eq!(env.counters_of(&key).await.0, 1);
-    let resp = env
-        .http
-        .delete(env.url(&format!("/v1/responses/{id}")))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let body: Value = resp.json().await.unwrap();
+    let (status, body) = env.delete(&key, &id).await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(
         body,
         json!({"id": id, "object": "response", "deleted": true})
@@ -444,14 +437,7 @@ async fn delete_removes_the_job_and_gives_back_its_slot() {
     assert_eq!(env.counters_of(&key).await, (0, 0, 0));
     let (status, _) = env.get(&key, &id).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let resp = env
-        .http
-        .delete(env.url(&format!("/v1/responses/{id}")))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(env.delete(&key, &id).await.0, StatusCode::NOT_FOUND);
     let snapshot = env.snapshot().await;
     assert_eq!((snapshot.jobs, snapshot.outbox), (0, 0));
 }
@@ -465,12 +451,7 @@ async fn a_follower_of_a_deleted_job_ends() {
     let id = env.submit_ok(&key, "mock-1", "gone soon").await;
     let follower = follow(&env, &key, &id, None);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    env.http
-        .delete(env.url(&format!("/v1/responses/{id}")))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(env.delete(&key, &id).await.0, StatusCode::OK);
     let events = follower.await.unwrap();
     assert_eq!(
         types(&events),

@@ -108,6 +108,24 @@ async fn deltas_written(env: &TestEnv, id: &str) -> i32 {
     .unwrap()
 }
 
+/// A job of a key with `budget` micro-dollars, streaming from a slow upstream (400 deltas, 15 ms
+/// apart), once it has written `min_deltas`: (upstream, env, key, job id).
+async fn streaming_job(budget: i64, min_deltas: i32) -> (FakeUpstream, TestEnv, String, String) {
+    let upstream = FakeUpstream::start(Script::Slow {
+        deltas: 400,
+        delay_ms: 15,
+    })
+    .await;
+    let env = start(quick(vec![chat("up", &upstream)])).await;
+    let key = budgeted_key(&env, budget).await;
+    let id = env.submit_ok(&key, "up", "Tell me a long story").await;
+    env.wait_for(Duration::from_secs(20), || async {
+        deltas_written(&env, &id).await >= min_deltas
+    })
+    .await;
+    (upstream, env, key, id)
+}
+
 /// The event types of a job's whole stream, read to its end.
 async fn stream_types(env: &TestEnv, key: &str, id: &str) -> Vec<String> {
     let resp = env
@@ -129,18 +147,25 @@ async fn stream_types(env: &TestEnv, key: &str, id: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_delayed_past_two_leases_are_one_upstream_call() {
-    // Lease 2 s, headers after 5 s: a lease renewed only while deltas flow would lapse twice,
-    // and the sweeper (every 100 ms) would hand the job to another attempt.
+    // The case: headers after 12 s under a 5 s lease. A lease renewed only while deltas
+    // flow would lapse twice, and the sweeper (every 100 ms) would hand the job to another
+    // attempt, calling the upstream again.
     let upstream = FakeUpstream::start(Script::DelayHeaders {
-        delay_ms: 5_000,
+        delay_ms: 12_000,
         then: Box::new(Script::Fixture("openai_chat/basic.sse")),
     })
     .await;
-    let env = start(quick(vec![chat("up", &upstream)])).await;
+    let mut config = quick(vec![chat("up", &upstream)]);
+    config.worker.lease_seconds = 5;
+    let env = start(config).await;
     let key = env.key().await;
     let id = env.submit_ok(&key, "up", "hi").await;
     let done = env.poll_until_done(&key, &id).await;
     assert_eq!(done["status"], "completed", "{done}");
+    eprintln!(
+        "headers after 12 s, lease 5 s: {} upstream call(s)",
+        upstream.calls()
+    );
     assert_eq!(upstream.calls(), 1, "the upstream was called again");
     let row = billed(&env, &id).await;
     assert_eq!(row.attempt, 1);
@@ -236,18 +261,7 @@ async fn every_provider_is_sent_the_reserved_cap_in_its_own_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_mid_stream_charges_the_streamed_tokens_within_the_budget() {
-    let upstream = FakeUpstream::start(Script::Slow {
-        deltas: 400,
-        delay_ms: 15,
-    })
-    .await;
-    let env = start(quick(vec![chat("up", &upstream)])).await;
-    let key = budgeted_key(&env, 100_000).await;
-    let id = env.submit_ok(&key, "up", "Tell me a long story").await;
-    env.wait_for(Duration::from_secs(20), || async {
-        deltas_written(&env, &id).await >= 40
-    })
-    .await;
+    let (_upstream, env, key, id) = streaming_job(100_000, 40).await;
     let (status, cancelled) = env
         .post_empty(&key, &format!("/v1/responses/{id}/cancel"))
         .await;
@@ -287,26 +301,8 @@ async fn a_cancel_mid_stream_charges_the_streamed_tokens_within_the_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_while_running_charges_the_streamed_tokens() {
-    let upstream = FakeUpstream::start(Script::Slow {
-        deltas: 400,
-        delay_ms: 15,
-    })
-    .await;
-    let env = start(quick(vec![chat("up", &upstream)])).await;
-    let key = env.key().await;
-    let id = env.submit_ok(&key, "up", "Tell me a long story").await;
-    env.wait_for(Duration::from_secs(20), || async {
-        deltas_written(&env, &id).await >= 20
-    })
-    .await;
-    let resp = env
-        .http
-        .delete(env.url(&format!("/v1/responses/{id}")))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    let (upstream, env, key, id) = streaming_job(1_000_000, 20).await;
+    assert_eq!(env.delete(&key, &id).await.0, StatusCode::OK);
     let (in_flight, reserved, spent) = env.counters_of(&key).await;
     assert_eq!((in_flight, reserved), (0, 0));
     // At least 20 deltas of "wN " (2 tokens each in o200k_base) at 15 USD/1M, plus the input.

@@ -115,16 +115,7 @@ pub async fn get_for_key(
 #[derive(Debug)]
 pub enum Claim {
     /// The worker now owns this attempt of the job.
-    Claimed {
-        attempt: i32,
-        model: String,
-        request: Value,
-        /// What the previous attempt streamed, when its worker died before charging it (empty
-        /// otherwise): the new owner charges it with [`add_cost`].
-        abandoned_output: String,
-        /// Attempts the job has really used: `attempt` less the graceful hand-backs.
-        tries: i32,
-    },
+    Claimed(Claimed),
     /// Another worker holds a live lease on it.
     Running,
     /// It already reached a terminal state: nothing to do.
@@ -133,13 +124,28 @@ pub enum Claim {
     Missing,
 }
 
+/// A job a worker has just claimed.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Claimed {
+    pub attempt: i32,
+    /// Attempts the job has really used: `attempt` less the graceful hand-backs.
+    pub tries: i32,
+    pub model: String,
+    pub request: Json<Value>,
+    /// Input tokens as admission counted them (what an estimated charge uses).
+    pub estimated_input_tokens: i32,
+    /// What the previous attempt streamed, when its worker died before charging it (empty
+    /// otherwise): the new owner charges it with [`add_cost`].
+    pub abandoned_output: String,
+}
+
 /// Claims a job for a new attempt: `queued → in_progress`, or takes over an `in_progress` job
 /// whose lease expired (its worker is gone). The output of an earlier attempt is cleared; if that
 /// attempt was never charged (its worker died), its output is handed to the caller to charge, and
 /// the attempt counts as settled.
 #[tracing::instrument(skip_all, fields(job_id = %id))]
 pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim, sqlx::Error> {
-    let claimed: Option<(i32, String, Json<Value>, String, i32)> = sqlx::query_as(
+    let claimed: Option<Claimed> = sqlx::query_as(
         "WITH old AS (
              SELECT id, attempt, settled_attempt, output_text FROM tollgate.jobs
               WHERE id = $1 FOR UPDATE
@@ -152,22 +158,17 @@ pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim
            FROM old
           WHERE j.id = old.id
             AND (j.status = 'queued' OR (j.status = 'in_progress' AND j.lease_until < now()))
-          RETURNING j.attempt, j.model, j.request,
-                    CASE WHEN old.attempt > old.settled_attempt THEN old.output_text ELSE '' END,
-                    j.attempt - j.handbacks",
+          RETURNING j.attempt, j.attempt - j.handbacks AS tries, j.model, j.request,
+                    j.estimated_input_tokens,
+                    CASE WHEN old.attempt > old.settled_attempt THEN old.output_text ELSE '' END
+                        AS abandoned_output",
     )
     .bind(id)
     .bind(lease_seconds as f64)
     .fetch_optional(pool)
     .await?;
-    if let Some((attempt, model, Json(request), abandoned_output, tries)) = claimed {
-        return Ok(Claim::Claimed {
-            attempt,
-            model,
-            request,
-            abandoned_output,
-            tries,
-        });
+    if let Some(claimed) = claimed {
+        return Ok(Claim::Claimed(claimed));
     }
     let status: Option<JobStatus> =
         sqlx::query_scalar("SELECT status FROM tollgate.jobs WHERE id = $1")
@@ -182,8 +183,8 @@ pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim
 }
 
 /// Appends a batch of streamed deltas to the job (one event row, and the accumulated text on the
-/// job row) and renews the lease, in one statement. Returns false when this attempt no longer
-/// owns the job (cancelled, or taken over): the worker must stop.
+/// job row), in one statement. Returns false when this attempt no longer owns the job (cancelled,
+/// or taken over): the worker must stop. (The lease is renewed beside the call, not here.)
 #[tracing::instrument(skip_all, fields(job_id = %id, n = deltas.len()))]
 pub async fn append_deltas(
     pool: &PgPool,
@@ -191,14 +192,12 @@ pub async fn append_deltas(
     attempt: i32,
     seq_first: i32,
     deltas: &[String],
-    lease_seconds: u32,
 ) -> Result<bool, sqlx::Error> {
     let text: String = deltas.concat();
     let written = sqlx::query(
         "WITH job AS (
              UPDATE tollgate.jobs
-                SET output_text = output_text || $4, updated_at = now(),
-                    lease_until = now() + make_interval(secs => $6)
+                SET output_text = output_text || $4, updated_at = now()
               WHERE id = $1 AND attempt = $2 AND status = 'in_progress'
               RETURNING id
          )
@@ -210,7 +209,6 @@ pub async fn append_deltas(
     .bind(seq_first)
     .bind(text)
     .bind(deltas)
-    .bind(lease_seconds as f64)
     .execute(pool)
     .await?
     .rows_affected();

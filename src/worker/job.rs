@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use sqlx::PgPool;
+use sqlx::{types::Json, PgPool};
 use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -21,10 +21,11 @@ use crate::{
     billing::{self, Attempt},
     config::ModelConfig,
     ids::{JobId, JobStatus},
+    money::MicroUsd,
     provider::{self, CallRequest, Chunk, ProviderError, StopReason},
     queue::JobMessage,
     request::CreateResponse,
-    store::jobs::{self, Claim, Outcome, Spent},
+    store::jobs::{self, Claim, Claimed, Outcome, Spent, Stopping},
     tokens,
 };
 
@@ -79,15 +80,9 @@ async fn run_inner(
     abort: &CancellationToken,
 ) -> Result<Disposition, sqlx::Error> {
     let settings = &worker.config.worker;
-    let (attempt, tries, model_name, request, abandoned_output) = loop {
+    let claimed = loop {
         match jobs::claim(&worker.pool, id, settings.lease_seconds).await? {
-            Claim::Claimed {
-                attempt,
-                model,
-                request,
-                abandoned_output,
-                tries,
-            } => break (attempt, tries, model, request, abandoned_output),
+            Claim::Claimed(claimed) => break claimed,
             Claim::Finished(status) => {
                 tracing::info!(?status, "job already finished; message skipped");
                 return Ok(Disposition::Ack);
@@ -99,6 +94,14 @@ async fn run_inner(
             },
         }
     };
+    let Claimed {
+        attempt,
+        tries,
+        model: model_name,
+        request: Json(request),
+        estimated_input_tokens,
+        abandoned_output,
+    } = claimed;
     let tracked = worker.track(id);
     // From here until this function returns, the lease is renewed beside whatever we wait for.
     let _lease = LeaseKeeper::start(
@@ -110,15 +113,23 @@ async fn run_inner(
     );
     tracing::info!(attempt, model = %model_name, "job claimed");
     if !abandoned_output.is_empty() {
-        settle_abandoned(
-            worker,
-            id,
-            attempt,
-            &model_name,
-            &request,
-            &abandoned_output,
-        )
-        .await?;
+        // The previous attempt's worker died mid-stream: the upstream was paid for what it
+        // streamed, and nobody else is left to charge it. It is charged as a stopped attempt.
+        let spent = billing::for_stopped(
+            &worker.config,
+            &Stopping {
+                model: model_name.clone(),
+                output_text: abandoned_output,
+                estimated_input_tokens,
+            },
+        );
+        if spent.cost > MicroUsd::ZERO {
+            jobs::add_cost(&worker.pool, id, attempt, &spent).await?;
+            tracing::info!(
+                cost_micro_usd = spent.cost.0,
+                "charged the abandoned attempt's output"
+            );
+        }
     }
 
     // Attempts also count takeovers of crashed workers: a job that keeps killing its workers
@@ -167,7 +178,11 @@ async fn run_inner(
         abort,
     )
     .await?;
-    let spent = used.spent(model, &call, matches!(end, StreamEnd::Ended(_)));
+    let spent = used.spent(
+        model,
+        estimated_input_tokens,
+        matches!(end, StreamEnd::Ended(_)),
+    );
     let outcome = match end {
         StreamEnd::Ended(stop) => {
             let incomplete_reason = match stop {
@@ -241,37 +256,6 @@ async fn run_inner(
     Ok(Disposition::Ack)
 }
 
-/// Charges the attempt before `attempt`, whose worker died mid-stream: the upstream was paid for
-/// what it streamed, and nobody else is left to count it (see `billing`).
-async fn settle_abandoned(
-    worker: &Worker,
-    id: JobId,
-    attempt: i32,
-    model_name: &str,
-    request: &Value,
-    output: &str,
-) -> Result<(), sqlx::Error> {
-    let (Some(model), Ok(request)) = (
-        worker.config.model(model_name),
-        serde_json::from_value::<CreateResponse>(request.clone()),
-    ) else {
-        return Ok(());
-    };
-    let used = Used {
-        output_text: output.to_string(),
-        reported: None,
-    };
-    let spent = used.spent(model, &request.call_request(model), false);
-    if spent.cost > crate::money::MicroUsd::ZERO {
-        jobs::add_cost(&worker.pool, id, attempt, &spent).await?;
-        tracing::info!(
-            cost_micro_usd = spent.cost.0,
-            "charged the abandoned attempt's output"
-        );
-    }
-    Ok(())
-}
-
 /// Renews a running attempt's lease every third of it, from the claim until dropped. When a
 /// renewal finds the attempt no longer owns the job, it cancels `fenced` so the attempt stops.
 /// A renewal that fails (PostgreSQL unreachable) is tried again at the next tick; if the lease
@@ -329,13 +313,12 @@ struct Used {
 }
 
 impl Used {
-    /// The attempt's charge, by the rule in `billing`.
-    fn spent(&self, model: &ModelConfig, call: &CallRequest, ended: bool) -> Spent {
-        let kind = tokens::tokenizer_for(model);
+    /// The attempt's charge, by the rule in `billing`; the input estimate is admission's.
+    fn spent(&self, model: &ModelConfig, input_estimate: i32, ended: bool) -> Spent {
         let usage = billing::attempt_usage(
-            kind,
+            tokens::tokenizer_for(model),
             Attempt {
-                input_estimate: tokens::estimate(kind, &call.messages).tokens,
+                input_estimate: input_estimate.max(0) as u32,
                 reported: self.reported,
                 output_text: &self.output_text,
                 ended,
@@ -454,8 +437,7 @@ impl Batch {
             .get_or_insert_with(|| Instant::now() + max_age);
     }
 
-    /// Writes the pending deltas (renewing the lease); false when this attempt no longer owns
-    /// the job.
+    /// Writes the pending deltas; false when this attempt no longer owns the job.
     async fn flush(
         &mut self,
         worker: &Worker,
@@ -466,15 +448,8 @@ impl Batch {
         if self.pending.is_empty() {
             return Ok(true);
         }
-        let owned = jobs::append_deltas(
-            &worker.pool,
-            id,
-            attempt,
-            self.next_seq,
-            &self.pending,
-            worker.config.worker.lease_seconds,
-        )
-        .await?;
+        let owned =
+            jobs::append_deltas(&worker.pool, id, attempt, self.next_seq, &self.pending).await?;
         self.next_seq += self.pending.len() as i32;
         self.pending.clear();
         Ok(owned)

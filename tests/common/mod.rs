@@ -203,6 +203,18 @@ impl TestEnv {
         (status, resp.json().await.expect("JSON body"), headers)
     }
 
+    /// DELETE /v1/responses/{id}.
+    pub async fn delete(&self, secret: &str, id: &str) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .delete(self.url(&format!("/v1/responses/{id}")))
+            .bearer_auth(secret)
+            .send()
+            .await
+            .expect("front answers");
+        (resp.status(), resp.json().await.expect("JSON body"))
+    }
+
     pub async fn post_empty(&self, secret: &str, path: &str) -> (StatusCode, Value) {
         let resp = self
             .http

@@ -22,6 +22,7 @@ use axum::{
     routing::post,
     Json, Router,
 };
+use futures::StreamExt;
 use serde_json::{json, Value};
 
 /// What the fake answers.
@@ -245,8 +246,6 @@ fn respond(script: Script, shared: &Shared) -> Response {
         }
     }
 }
-
-use futures::StreamExt;
 
 /// `bytes` bytes of `x`, 64 KiB at a time, generated as they are sent.
 fn filler(bytes: usize) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send {

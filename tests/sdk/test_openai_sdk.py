@@ -9,10 +9,11 @@ Model `mock-slow` answers slowly enough to be cancelled. Exits non-zero on the f
 """
 
 import os
-import time
 
 import openai
 from openai import OpenAI
+
+from polling import wait_done
 
 BASE_URL = os.environ["TOLLGATE_BASE_URL"]
 KEY = os.environ["TOLLGATE_KEY"]
@@ -22,16 +23,6 @@ EXPECTED = os.environ["TOLLGATE_EXPECTED_TEXT"]
 client = OpenAI(base_url=BASE_URL, api_key=KEY)
 # For the error checks: an error must surface at once, not after the SDK's retries.
 no_retry = OpenAI(base_url=BASE_URL, api_key=KEY, max_retries=0)
-
-
-def wait_done(response_id):
-    deadline = time.monotonic() + 30
-    while True:
-        response = client.responses.retrieve(response_id)
-        if response.status not in ("queued", "in_progress"):
-            return response
-        assert time.monotonic() < deadline, f"{response_id} still {response.status}"
-        time.sleep(0.05)
 
 
 def check_stream(events, first_sequence_number=0):
@@ -48,7 +39,7 @@ def background_and_retrieve():
     assert response.status == "queued", response.status
     assert response.background is True
     assert response.id.startswith("resp_")
-    done = wait_done(response.id)
+    done = wait_done(client, response.id)
     assert done.status == "completed", done.status
     assert done.output_text == EXPECTED, done.output_text
     assert done.usage.output_tokens == 20

@@ -11,25 +11,16 @@ Exits non-zero on the first failure.
 """
 
 import os
-import time
 
 from openai import OpenAI
+
+from polling import wait_done
 
 client = OpenAI(base_url=os.environ["TOLLGATE_BASE_URL"], api_key=os.environ["TOLLGATE_KEY"])
 
 
 def cases(var):
     return [line.split("=", 1) for line in os.environ[var].splitlines() if line]
-
-
-def wait_done(response_id):
-    deadline = time.monotonic() + 30
-    while True:
-        response = client.responses.retrieve(response_id)
-        if response.status not in ("queued", "in_progress"):
-            return response
-        assert time.monotonic() < deadline, f"{response_id} still {response.status}"
-        time.sleep(0.05)
 
 
 def streamed(model):
@@ -47,7 +38,7 @@ def streamed(model):
 
 for model, expected in cases("TOLLGATE_CASES"):
     job = client.responses.create(model=model, input="Say hi", background=True)
-    done = wait_done(job.id)
+    done = wait_done(client, job.id)
     assert done.status == "completed", (model, done.status, done.error)
     assert done.output_text == expected, (model, done.output_text)
     assert done.usage.input_tokens > 0 and done.usage.output_tokens > 0, (model, done.usage)
@@ -59,7 +50,7 @@ for model, expected in cases("TOLLGATE_CASES"):
 
 for model, expected in cases("TOLLGATE_CUT_OFF"):
     job = client.responses.create(model=model, input="Tell me a story", background=True)
-    done = wait_done(job.id)
+    done = wait_done(client, job.id)
     assert done.status == "incomplete", (model, done.status)
     assert done.incomplete_details.reason == "max_output_tokens", done.incomplete_details
     assert done.output_text == expected, (model, done.output_text)
