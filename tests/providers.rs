@@ -108,6 +108,17 @@ async fn deltas_written(env: &TestEnv, id: &str) -> i32 {
     .unwrap()
 }
 
+/// One job ("hi") of the chat model `up` against an upstream following `script`, run to its end:
+/// (upstream, env, the finished Response object).
+async fn one_job(script: Script) -> (FakeUpstream, TestEnv, Value) {
+    let upstream = FakeUpstream::start(script).await;
+    let env = start(quick(vec![chat("up", &upstream)])).await;
+    let key = env.key().await;
+    let id = env.submit_ok(&key, "up", "hi").await;
+    let done = env.poll_until_done(&key, &id).await;
+    (upstream, env, done)
+}
+
 /// A job of a key with `budget` micro-dollars, streaming from a slow upstream (400 deltas, 15 ms
 /// apart), once it has written `min_deltas`: (upstream, env, key, job id).
 async fn streaming_job(budget: i64, min_deltas: i32) -> (FakeUpstream, TestEnv, String, String) {
@@ -456,7 +467,7 @@ async fn an_oversized_event_fails_the_attempt_and_the_worker_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_error_body_is_read_bounded_and_its_status_retried() {
-    let upstream = FakeUpstream::start(Script::Sequence(vec![
+    let (upstream, _env, done) = one_job(Script::Sequence(vec![
         Script::HugeError {
             status: 503,
             bytes: 64 * 1024 * 1024,
@@ -464,26 +475,18 @@ async fn an_oversized_error_body_is_read_bounded_and_its_status_retried() {
         Script::Fixture("openai_chat/basic.sse"),
     ]))
     .await;
-    let env = start(quick(vec![chat("up", &upstream)])).await;
-    let key = env.key().await;
-    let id = env.submit_ok(&key, "up", "hi").await;
-    let done = env.poll_until_done(&key, &id).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(upstream.calls(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_retry_after_sets_the_delay_before_the_next_attempt() {
-    let upstream = FakeUpstream::start(Script::Sequence(vec![
+    // The backoff alone would retry after 50 ms.
+    let (upstream, _env, done) = one_job(Script::Sequence(vec![
         Script::StatusRetryAfter(429, "2"),
         Script::Fixture("openai_chat/basic.sse"),
     ]))
     .await;
-    // The backoff alone would retry after 50 ms.
-    let env = start(quick(vec![chat("up", &upstream)])).await;
-    let key = env.key().await;
-    let id = env.submit_ok(&key, "up", "hi").await;
-    let done = env.poll_until_done(&key, &id).await;
     assert_eq!(done["status"], "completed", "{done}");
     let calls = upstream.requests();
     assert_eq!(calls.len(), 2);
@@ -496,16 +499,12 @@ async fn an_upstream_retry_after_sets_the_delay_before_the_next_attempt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nul_in_a_delta_does_not_break_the_job() {
-    let upstream = FakeUpstream::start(Script::Stream {
+    let (_upstream, _env, done) = one_job(Script::Stream {
         deltas: vec!["a\u{0}b".into(), " c".into()],
         prompt_tokens: 3,
         completion_tokens: 2,
     })
     .await;
-    let env = start(quick(vec![chat("up", &upstream)])).await;
-    let key = env.key().await;
-    let id = env.submit_ok(&key, "up", "hi").await;
-    let done = env.poll_until_done(&key, &id).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["output"][0]["content"][0]["text"], "a\u{FFFD}b c");
 }
