@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::{
     config::{ModelConfig, ProviderKind},
-    provider::{CallRequest, ChatMessage},
+    provider::{CallRequest, ChatMessage, Role, Turn},
 };
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
@@ -286,11 +286,22 @@ impl CreateResponse {
 
     /// What the model's provider is asked for.
     pub fn call_request(&self, model: &ModelConfig) -> CallRequest {
+        let turns = self
+            .messages()
+            .into_iter()
+            .map(|m| Turn::Message {
+                role: match m.role.as_str() {
+                    "system" => Role::System,
+                    "assistant" => Role::Assistant,
+                    _ => Role::User,
+                },
+                text: m.content,
+            })
+            .collect();
         CallRequest {
-            messages: self.messages(),
-            max_output_tokens: self.output_cap(model),
             temperature: self.temperature,
             top_p: self.top_p,
+            ..CallRequest::plain(turns, self.output_cap(model))
         }
     }
 }

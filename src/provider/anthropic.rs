@@ -49,7 +49,8 @@ pub async fn stream(
 fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
     let mut system: Vec<&str> = Vec::new();
     let mut messages: Vec<(&str, String)> = Vec::new();
-    for message in &request.messages {
+    let all = request.as_messages();
+    for message in &all {
         match message.role.as_str() {
             "system" => system.push(&message.content),
             role => {
@@ -121,13 +122,14 @@ impl AnthropicDecoder {
     }
 
     fn usage(&self, usage: &Value) -> Chunk {
-        Chunk::Usage {
+        Chunk::Usage(crate::provider::Usage {
             input_tokens: self
                 .input
                 .iter()
                 .fold(0u32, |sum, n| sum.saturating_add(*n)),
             output_tokens: http::count(usage, "output_tokens"),
-        }
+            reasoning_tokens: 0,
+        })
     }
 }
 
@@ -218,10 +220,11 @@ mod tests {
 
     fn last_usage(chunks: &[Result<Chunk, ProviderError>]) -> Option<(u32, u32)> {
         chunks.iter().rev().find_map(|c| match c {
-            Ok(Chunk::Usage {
+            Ok(Chunk::Usage(crate::provider::Usage {
                 input_tokens,
                 output_tokens,
-            }) => Some((*input_tokens, *output_tokens)),
+                ..
+            })) => Some((*input_tokens, *output_tokens)),
             _ => None,
         })
     }
@@ -304,10 +307,11 @@ mod tests {
         let usages: Vec<(u32, u32)> = decode_all(stream)
             .iter()
             .filter_map(|c| match c {
-                Ok(Chunk::Usage {
+                Ok(Chunk::Usage(crate::provider::Usage {
                     input_tokens,
                     output_tokens,
-                }) => Some((*input_tokens, *output_tokens)),
+                    ..
+                })) => Some((*input_tokens, *output_tokens)),
                 _ => None,
             })
             .collect();

@@ -39,7 +39,8 @@ pub fn stream(model: &ModelConfig, request: &CallRequest) -> ChunkStream {
         StopReason::Completed
     };
     let delay = Duration::from_millis(model.mock_delay_ms);
-    let input_tokens = tokens::estimate(tokens::tokenizer_for(model), &request.messages).tokens;
+    let input_tokens =
+        tokens::estimate(tokens::tokenizer_for(model), &request.as_messages()).tokens;
     let deltas = futures::stream::iter(0..cap as usize).then(move |i| async move {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -47,10 +48,11 @@ pub fn stream(model: &ModelConfig, request: &CallRequest) -> ChunkStream {
         Ok(Chunk::Delta(delta(i)))
     });
     let end = futures::stream::iter([
-        Ok(Chunk::Usage {
+        Ok(Chunk::Usage(crate::provider::Usage {
             input_tokens,
             output_tokens: cap,
-        }),
+            reasoning_tokens: 0,
+        })),
         Ok(Chunk::End(stop)),
     ]);
     Box::pin(deltas.chain(end))

@@ -1,5 +1,5 @@
-//! Providers turn a job's request into one internal stream of [`Chunk`]s: text deltas, usage,
-//! and the end marker with the reason the model stopped. Each provider translates its own wire
+//! Providers turn a job's request into one internal stream of [`Chunk`]s: text deltas, function
+//! calls and their argument deltas, usage, and the end marker with the reason the model stopped. Each provider translates its own wire
 //! format at this edge; nothing past `provider/` knows one.
 //!
 //! Built in:
@@ -32,7 +32,9 @@ use serde::Serialize;
 
 use crate::config::{ModelConfig, ProviderKind};
 
-/// One chat message sent upstream. `role` is `system`, `user` or `assistant`.
+/// A conversation flattened to role and text: what the token estimate counts and what the
+/// guardrails read. Function calls are the assistant's words (name and arguments), function
+/// outputs and tool definitions are counted as the text they are sent as.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatMessage {
     pub role: String,
@@ -48,15 +50,173 @@ impl ChatMessage {
     }
 }
 
-/// What a provider is asked to generate.
+/// Who speaks a message. The Responses API's `developer` is `System` here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// One item of the conversation sent upstream, in order: the history of earlier responses
+/// (`previous_response_id`), then `instructions` (as a system message) and the request's input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Turn {
+    Message {
+        role: Role,
+        text: String,
+    },
+    /// A function call the model made in an earlier turn.
+    FunctionCall {
+        call_id: String,
+        name: String,
+        /// The arguments as the model wrote them: JSON text.
+        arguments: String,
+    },
+    /// The client's result of a function call.
+    FunctionOutput {
+        call_id: String,
+        output: String,
+    },
+}
+
+/// A function the model may call (a Responses API tool of type `function`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunctionTool {
+    pub name: String,
+    pub description: Option<String>,
+    /// The JSON schema of the arguments, as given.
+    pub parameters: Option<serde_json::Value>,
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolChoice {
+    Auto,
+    None,
+    Required,
+    /// This function must be called.
+    Function(String),
+}
+
+/// `text.format` other than plain text.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputFormat {
+    JsonObject,
+    JsonSchema {
+        name: String,
+        description: Option<String>,
+        schema: serde_json::Value,
+        strict: Option<bool>,
+    },
+}
+
+/// What a provider is asked to generate: everything of the client's request that reaches the
+/// model. Admission has already refused what the model's provider cannot take
+/// (`CreateResponse::check_for`), so a provider translates every field it is given.
 #[derive(Debug, Clone)]
 pub struct CallRequest {
-    pub messages: Vec<ChatMessage>,
+    pub turns: Vec<Turn>,
     /// The output cap admission reserved for: the request's `max_output_tokens`, else the
-    /// model's. Always sent upstream.
+    /// model's. Always sent upstream. It bounds reasoning tokens too.
     pub max_output_tokens: u32,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
+    pub tools: Vec<FunctionTool>,
+    pub tool_choice: Option<ToolChoice>,
+    pub parallel_tool_calls: Option<bool>,
+    /// None: plain text.
+    pub format: Option<OutputFormat>,
+    /// `reasoning.effort` (`minimal`, `low`, `medium`, `high`, …).
+    pub reasoning_effort: Option<String>,
+    /// `safety_identifier`, else `user`: who the end user is, for the upstream's abuse checks.
+    pub end_user: Option<String>,
+    /// `prompt_cache_key` (OpenAI-compatible upstreams only).
+    pub prompt_cache_key: Option<String>,
+    /// `service_tier` (`auto` or `default`; OpenAI-compatible upstreams only).
+    pub service_tier: Option<String>,
+}
+
+impl CallRequest {
+    /// A plain request: the turns, the cap, and nothing else.
+    pub fn plain(turns: Vec<Turn>, max_output_tokens: u32) -> Self {
+        Self {
+            turns,
+            max_output_tokens,
+            temperature: None,
+            top_p: None,
+            tools: Vec::new(),
+            tool_choice: None,
+            parallel_tool_calls: None,
+            format: None,
+            reasoning_effort: None,
+            end_user: None,
+            prompt_cache_key: None,
+            service_tier: None,
+        }
+    }
+
+    /// The request as role and text (see [`ChatMessage`]); tool definitions and the output
+    /// schema come last, as a system message, since they are sent as input too.
+    pub fn as_messages(&self) -> Vec<ChatMessage> {
+        let mut messages: Vec<ChatMessage> = self
+            .turns
+            .iter()
+            .map(|turn| match turn {
+                Turn::Message { role, text } => ChatMessage::new(role.as_str(), text.as_str()),
+                Turn::FunctionCall {
+                    name, arguments, ..
+                } => ChatMessage::new("assistant", format!("{name}({arguments})")),
+                Turn::FunctionOutput { output, .. } => ChatMessage::new("tool", output.as_str()),
+            })
+            .collect();
+        let mut definitions = String::new();
+        for tool in &self.tools {
+            definitions.push_str(&tool.name);
+            if let Some(d) = &tool.description {
+                definitions.push_str(d);
+            }
+            if let Some(p) = &tool.parameters {
+                definitions.push_str(&p.to_string());
+            }
+        }
+        if let Some(OutputFormat::JsonSchema {
+            name,
+            description,
+            schema,
+            ..
+        }) = &self.format
+        {
+            definitions.push_str(name);
+            definitions.push_str(description.as_deref().unwrap_or(""));
+            definitions.push_str(&schema.to_string());
+        }
+        if !definitions.is_empty() {
+            messages.push(ChatMessage::new("system", definitions));
+        }
+        messages
+    }
+}
+
+/// Token counts as the upstream reported them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub input_tokens: u32,
+    /// All output tokens, reasoning included (as every provider bills them).
+    pub output_tokens: u32,
+    /// The part of `output_tokens` spent on reasoning the client does not see.
+    pub reasoning_tokens: u32,
 }
 
 /// Why the model stopped, as the upstream's end marker said.
@@ -70,15 +230,19 @@ pub enum StopReason {
     ContentFilter,
 }
 
-/// A piece of a streamed answer.
+/// A piece of a streamed answer. The output is a sequence of items: text deltas belong to a
+/// message, and a [`Chunk::ToolCall`] starts a function call whose arguments follow as
+/// [`Chunk::Arguments`] until the next item begins.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Chunk {
+    /// Answer text.
     Delta(String),
+    /// The model calls a function; its arguments follow.
+    ToolCall { call_id: String, name: String },
+    /// A piece of the arguments (JSON text) of the function call started last.
+    Arguments(String),
     /// Token counts as the upstream reported them; a later one replaces an earlier one.
-    Usage {
-        input_tokens: u32,
-        output_tokens: u32,
-    },
+    Usage(Usage),
     /// The upstream's end marker: the answer is whole (or cut off for the reason given).
     End(StopReason),
 }

@@ -38,7 +38,7 @@ pub async fn stream(
 fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
     let mut body = json!({
         "model": model.upstream_model(),
-        "messages": request.messages,
+        "messages": request.as_messages(),
         "stream": true,
         "stream_options": {"include_usage": true},
     });
@@ -99,10 +99,11 @@ impl Decoder for ChatDecoder {
             });
         }
         if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
-            out.push(Chunk::Usage {
+            out.push(Chunk::Usage(crate::provider::Usage {
                 input_tokens: http::count(usage, "prompt_tokens"),
                 output_tokens: http::count(usage, "completion_tokens"),
-            });
+                reasoning_tokens: 0,
+            }));
         }
         Ok(out)
     }
@@ -130,7 +131,7 @@ mod tests {
         ));
         assert!(chunks
             .iter()
-            .any(|c| matches!(c, Ok(Chunk::Usage { output_tokens, .. }) if *output_tokens > 0)));
+            .any(|c| matches!(c, Ok(Chunk::Usage(crate::provider::Usage { output_tokens, .. })) if *output_tokens > 0)));
         let stream = include_str!("../../tests/fixtures/openai_chat/basic.sse");
         let chunks = decode_all(stream);
         assert!(matches!(

@@ -34,8 +34,8 @@ pub async fn stream(
 
 /// The upstream request.
 fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
-    let (system, rest): (Vec<_>, Vec<_>) =
-        request.messages.iter().partition(|m| m.role == "system");
+    let messages = request.as_messages();
+    let (system, rest): (Vec<_>, Vec<_>) = messages.iter().partition(|m| m.role == "system");
     let input: Vec<Value> = rest
         .iter()
         .map(|m| json!({"type": "message", "role": m.role, "content": m.content}))
@@ -121,10 +121,11 @@ impl Decoder for ResponsesDecoder {
 fn finish(value: &Value, stop: StopReason) -> Vec<Chunk> {
     let mut out = Vec::new();
     if let Some(usage) = value.pointer("/response/usage").filter(|u| u.is_object()) {
-        out.push(Chunk::Usage {
+        out.push(Chunk::Usage(crate::provider::Usage {
             input_tokens: http::count(usage, "input_tokens"),
             output_tokens: http::count(usage, "output_tokens"),
-        });
+            reasoning_tokens: 0,
+        }));
     }
     out.push(Chunk::End(stop));
     out
@@ -182,10 +183,11 @@ mod tests {
         assert_eq!(
             chunks[chunks.len() - 2..],
             [
-                Chunk::Usage {
+                Chunk::Usage(crate::provider::Usage {
                     input_tokens: 37,
-                    output_tokens: 11
-                },
+                    output_tokens: 11,
+                    reasoning_tokens: 0
+                }),
                 Chunk::End(StopReason::Completed)
             ]
         );
@@ -199,10 +201,11 @@ mod tests {
         assert_eq!(
             chunks[chunks.len() - 2..],
             [
-                Chunk::Usage {
+                Chunk::Usage(crate::provider::Usage {
                     input_tokens: 29,
-                    output_tokens: 8
-                },
+                    output_tokens: 8,
+                    reasoning_tokens: 0
+                }),
                 Chunk::End(StopReason::MaxOutputTokens)
             ]
         );

@@ -395,9 +395,10 @@ async fn stream_into_rows(
                         return Ok(StreamEnd::Fenced);
                     }
                 }
-                Some(Ok(Chunk::Usage { input_tokens, output_tokens })) => {
+                Some(Ok(Chunk::Usage(crate::provider::Usage { input_tokens, output_tokens, .. }))) => {
                     used.reported = Some((input_tokens, output_tokens));
                 }
+                Some(Ok(Chunk::ToolCall { .. } | Chunk::Arguments(_))) => {}
                 Some(Ok(Chunk::End(stop))) => break StreamEnd::Ended(stop),
                 Some(Err(e)) => break StreamEnd::Failed(e),
                 // Closed without the end marker: the answer was cut off somewhere upstream.
