@@ -21,6 +21,7 @@
 
 use crate::{
     config::{Config, ModelConfig, TokenizerKind},
+    provider,
     money::MicroUsd,
     store::jobs::{Spent, Stopping},
     tokens,
@@ -31,6 +32,8 @@ use crate::{
 pub struct Usage {
     pub input_tokens: u32,
     pub output_tokens: u32,
+    /// The reasoning part of `output_tokens`, when the upstream reported it.
+    pub reasoning_tokens: Option<u32>,
     /// Whether the counts are tollgate's estimate rather than the upstream's report.
     pub estimated: bool,
 }
@@ -46,9 +49,9 @@ impl Usage {
 pub struct Attempt<'a> {
     /// Input tokens as admission estimated them.
     pub input_estimate: u32,
-    /// The last usage the upstream reported, `(input, output)`.
-    pub reported: Option<(u32, u32)>,
-    /// The text streamed so far.
+    /// The last usage the upstream reported.
+    pub reported: Option<provider::Usage>,
+    /// Everything generated so far: message text, function names and arguments.
     pub output_text: &'a str,
     /// The upstream's end marker arrived: the answer (and its usage) is final.
     pub ended: bool,
@@ -57,17 +60,19 @@ pub struct Attempt<'a> {
 /// The usage to charge for an attempt, or `None` when it cost nothing.
 pub fn attempt_usage(kind: TokenizerKind, attempt: Attempt<'_>) -> Option<Usage> {
     match (attempt.reported, attempt.ended) {
-        (Some((input_tokens, output_tokens)), true) => Some(Usage {
-            input_tokens,
-            output_tokens,
+        (Some(reported), true) => Some(Usage {
+            input_tokens: reported.input_tokens,
+            output_tokens: reported.output_tokens,
+            reasoning_tokens: Some(reported.reasoning_tokens),
             estimated: false,
         }),
-        (Some((input_tokens, reported_output)), false) => {
+        (Some(reported), false) => {
             let counted = tokens::count_output(kind, attempt.output_text);
             Some(Usage {
-                input_tokens,
-                output_tokens: reported_output.max(counted),
-                estimated: counted > reported_output,
+                input_tokens: reported.input_tokens,
+                output_tokens: reported.output_tokens.max(counted),
+                reasoning_tokens: Some(reported.reasoning_tokens),
+                estimated: counted > reported.output_tokens,
             })
         }
         (None, ended) => {
@@ -77,6 +82,7 @@ pub fn attempt_usage(kind: TokenizerKind, attempt: Attempt<'_>) -> Option<Usage>
             Some(Usage {
                 input_tokens: attempt.input_estimate,
                 output_tokens: tokens::count_output(kind, attempt.output_text),
+                reasoning_tokens: None,
                 estimated: true,
             })
         }
@@ -90,6 +96,7 @@ pub fn spent(model: &ModelConfig, usage: Option<Usage>) -> Spent {
         Some(usage) => Spent {
             input_tokens: Some(usage.input_tokens as i32),
             output_tokens: Some(usage.output_tokens as i32),
+            reasoning_tokens: usage.reasoning_tokens.map(|r| r as i32),
             usage_estimated: Some(usage.estimated),
             cost: usage.cost(model),
         },
@@ -126,7 +133,11 @@ mod tests {
     fn attempt(reported: Option<(u32, u32)>, text: &str, ended: bool) -> Attempt<'_> {
         Attempt {
             input_estimate: 10,
-            reported,
+            reported: reported.map(|(input_tokens, output_tokens)| provider::Usage {
+                input_tokens,
+                output_tokens,
+                reasoning_tokens: 0,
+            }),
             output_text: text,
             ended,
         }

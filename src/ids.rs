@@ -27,9 +27,13 @@ impl JobId {
         Uuid::try_parse(hex).ok().map(Self)
     }
 
-    /// Id of the single output message of this job (`msg_…`), stable across polls.
-    pub fn message_id(&self) -> String {
-        format!("msg_{}", self.0.simple())
+    /// Id of the output item at `index` (`msg_…` for a message, `fc_…` for a function call),
+    /// stable across polls, replays and attempts.
+    pub fn output_item_id(&self, prefix: &str, index: usize) -> String {
+        match index {
+            0 => format!("{prefix}_{}", self.0.simple()),
+            k => format!("{prefix}_{}_o{k}", self.0.simple()),
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod config;
 pub mod ids;
 pub mod metrics;
 pub mod money;
+pub mod output;
 pub mod provider;
 pub mod queue;
 pub mod request;

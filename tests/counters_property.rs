@@ -93,6 +93,7 @@ impl Run<'_> {
                             output_tokens: Some(output as i32),
                             usage_estimated: Some(false),
                             cost: model.cost(input as u64, output as u64),
+                            reasoning_tokens: None,
                         },
                         incomplete_reason: None,
                         error: None,

@@ -35,7 +35,8 @@ use crate::{
     metrics,
     money::MicroUsd,
     queue::JobMessage,
-    request::{CreateResponse, InvalidRequest},
+    output::Item,
+    request::{self, CreateResponse, InputItem, InvalidRequest},
     store::{jobs, keys},
     tokens,
 };
@@ -49,6 +50,8 @@ pub enum Rejection {
     InvalidKey,
     #[error("{}", .0.message)]
     InvalidRequest(InvalidRequest),
+    #[error("no previous response `{0}` for this key")]
+    PreviousResponseNotFound(String),
     #[error("the model `{0}` does not exist")]
     UnknownModel(String),
     #[error("this key may not use the model `{0}`")]
@@ -104,6 +107,7 @@ impl Rejection {
         match self {
             Rejection::InvalidKey => "invalid_key".into(),
             Rejection::InvalidRequest(_) => "invalid_request".into(),
+            Rejection::PreviousResponseNotFound(_) => "previous_response_not_found".into(),
             Rejection::UnknownModel(_) => "unknown_model".into(),
             Rejection::ModelNotAllowed(_) => "model_not_allowed".into(),
             Rejection::OutputCapExceeded { .. } => "output_cap".into(),
@@ -197,11 +201,81 @@ impl Window {
     }
 }
 
-/// The worst-case cost admission reserves: the input's upper bound and the output cap, at the
-/// model's prices.
+/// The worst-case cost admission reserves for a request without history: the input's upper
+/// bound and the output cap, at the model's prices.
 pub fn worst_case_cost(model: &ModelConfig, request: &CreateResponse) -> MicroUsd {
-    let input = tokens::estimate(tokens::tokenizer_for(model), &request.messages());
+    let messages = request.call_request(model, &[]).as_messages();
+    let input = tokens::estimate(tokens::tokenizer_for(model), &messages);
     reservation(model, input, request)
+}
+
+/// A rejection of `previous_response_id` that is the client's mistake (400).
+fn previous_refused(message: String, code: &'static str) -> Rejection {
+    Rejection::InvalidRequest(InvalidRequest {
+        message,
+        param: Some("previous_response_id".into()),
+        code: Some(code),
+    })
+}
+
+/// The conversation `previous` stands for, as the key `key_id` may continue it: that response's
+/// own history, its input and its output. Only the key's own finished, stored responses can be
+/// continued; any other id is not found. (Its `instructions` are not carried over, as with
+/// OpenAI.)
+async fn history_of(
+    pool: &PgPool,
+    key_id: KeyId,
+    previous: &str,
+) -> Result<(JobId, Vec<InputItem>), Rejection> {
+    let not_found = || Rejection::PreviousResponseNotFound(previous.to_string());
+    let id = JobId::parse_public(previous).ok_or_else(not_found)?;
+    let job = jobs::get_for_key(pool, id, key_id)
+        .await?
+        .ok_or_else(not_found)?;
+    let shown = request::echo(previous);
+    if job.request.0.get("store") == Some(&Value::Bool(false)) {
+        return Err(previous_refused(
+            format!(
+                "Previous response '{shown}' was created with `store: false` and cannot be                  continued; send the conversation in `input` instead."
+            ),
+            "previous_response_not_stored",
+        ));
+    }
+    if !job.status.is_terminal() {
+        return Err(previous_refused(
+            format!("Previous response '{shown}' is still in progress; wait until it has finished."),
+            "previous_response_in_progress",
+        ));
+    }
+    let unreadable = |e: InvalidRequest| {
+        Rejection::Database(sqlx::Error::Decode(
+            format!("stored conversation of {id} unreadable: {}", e.message).into(),
+        ))
+    };
+    let mut items = match &job.history {
+        Some(sqlx::types::Json(Value::Array(history))) => {
+            request::parse_items(history, "history").map_err(unreadable)?
+        }
+        _ => Vec::new(),
+    };
+    items.extend(request::stored_input(&job.request.0).map_err(unreadable)?);
+    let output = jobs::output(pool, &job).await?;
+    items.extend(output.items.into_iter().map(|item| match item.item {
+        Item::Message { text } => InputItem::Message {
+            role: "assistant".into(),
+            parts: vec![text],
+        },
+        Item::FunctionCall {
+            call_id,
+            name,
+            arguments,
+        } => InputItem::FunctionCall {
+            call_id,
+            name,
+            arguments,
+        },
+    }));
+    Ok((id, items))
 }
 
 /// The worst-case cost of an input already estimated: its upper bound, and the output cap that
@@ -256,8 +330,15 @@ impl Admission {
         if !key.allows_model(&model.name) {
             return Err(Rejection::ModelNotAllowed(model.name.clone()));
         }
+        let (previous, history) = match &request.previous_response_id {
+            Some(previous) => {
+                let (id, history) = history_of(&self.pool, key.id, previous).await?;
+                (Some(id), history)
+            }
+            None => (None, Vec::new()),
+        };
         request
-            .check_for(model, self.config.server.max_input_items)
+            .check_for(model, &history, self.config.server.max_input_items)
             .map_err(Rejection::InvalidRequest)?;
         if let Some(asked) = request.max_output_tokens {
             if asked > model.max_output_tokens {
@@ -267,7 +348,8 @@ impl Admission {
                 });
             }
         }
-        let messages = request.messages();
+        // The whole conversation is sent upstream, so the whole of it is counted and reserved.
+        let messages = request.call_request(model, &history).as_messages();
         let estimate = tokens::estimate(tokens::tokenizer_for(model), &messages);
         self.guardrails
             .check(&model.name, &messages)
@@ -355,6 +437,8 @@ impl Admission {
             }
         }
 
+        let history_json = (!history.is_empty())
+            .then(|| Value::Array(history.iter().map(InputItem::to_value).collect()));
         let id = JobId::new();
         let message = JobMessage::new(id, &model.name);
         let outbox_payload = serde_json::to_value(&message).expect("a job message serialises");
@@ -371,13 +455,15 @@ impl Admission {
                 reserved: reserve,
                 counter_slot: 0,
                 outbox_payload: &outbox_payload,
+                history: history_json.as_ref(),
+                previous_response_id: previous,
             },
         )
         .await?;
         tx.commit().await?;
         tracing::info!(job_id = %id, key_id = %key.id, model = %model.name, "admitted");
         Ok(Admitted::New {
-            job: queued_row(id, key.id, &model.name, raw, created_at),
+            job: queued_row(id, key.id, &model.name, raw, created_at, previous),
             outbox_id,
             message,
         })
@@ -512,6 +598,7 @@ fn queued_row(
     model: &str,
     request: Value,
     created_at: DateTime<Utc>,
+    previous_response_id: Option<JobId>,
 ) -> jobs::JobRow {
     jobs::JobRow {
         id,
@@ -522,6 +609,9 @@ fn queued_row(
         output_text: String::new(),
         input_tokens: None,
         output_tokens: None,
+        reasoning_tokens: None,
+        history: None,
+        previous_response_id,
         cost_micro_usd: None,
         usage_estimated: None,
         incomplete_reason: None,

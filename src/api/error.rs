@@ -9,7 +9,7 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::admission::Rejection;
+use crate::{admission::Rejection, request::echo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -21,6 +21,8 @@ pub enum ApiError {
     InvalidRequest {
         message: String,
         param: Option<String>,
+        /// OpenAI's code for the refusal (`unknown_parameter`, `unsupported_parameter`, …).
+        code: Option<&'static str>,
     },
     /// 403: the key may not do this.
     #[error("{message}")]
@@ -72,16 +74,6 @@ impl ApiError {
     }
 }
 
-/// At most the first 64 characters of something a client sent, for an error message: enough to
-/// recognise it, never a megabyte echoed back.
-pub fn echo(sent: &str) -> String {
-    const MAX: usize = 64;
-    match sent.char_indices().nth(MAX) {
-        Some((cut, _)) => format!("{}…", &sent[..cut]),
-        None => sent.to_string(),
-    }
-}
-
 impl From<sqlx::Error> for ApiError {
     /// PostgreSQL out of reach is a 503 the client may retry; any other database error is a 500.
     fn from(e: sqlx::Error) -> Self {
@@ -106,6 +98,12 @@ impl From<Rejection> for ApiError {
             Rejection::InvalidRequest(e) => ApiError::InvalidRequest {
                 message: e.message,
                 param: e.param,
+                code: e.code,
+            },
+            Rejection::PreviousResponseNotFound(id) => ApiError::NotFound {
+                message: format!("Previous response with id '{}' not found.", echo(&id)),
+                param: Some("previous_response_id".into()),
+                code: Some("previous_response_not_found"),
             },
             Rejection::UnknownModel(_) => ApiError::NotFound {
                 message: format!("The model does not exist: {message}."),
@@ -119,6 +117,7 @@ impl From<Rejection> for ApiError {
             Rejection::OutputCapExceeded { .. } => ApiError::InvalidRequest {
                 message: format!("Invalid request: {message}."),
                 param: Some("max_output_tokens".into()),
+                code: None,
             },
             Rejection::RequestsPerMinute {
                 retry_after_secs, ..
@@ -159,11 +158,11 @@ impl IntoResponse for ApiError {
                 None,
                 Some("invalid_api_key"),
             ),
-            ApiError::InvalidRequest { param, .. } => (
+            ApiError::InvalidRequest { param, code, .. } => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 param.clone(),
-                None,
+                *code,
             ),
             ApiError::Forbidden { code, .. } => (
                 StatusCode::FORBIDDEN,

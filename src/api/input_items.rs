@@ -1,5 +1,5 @@
-//! `GET /v1/responses/{id}/input_items`: a job's input as OpenAI's list of message items, read
-//! back from the request stored on the job row. `instructions` is not an input item, as with
+//! `GET /v1/responses/{id}/input_items`: a job's input as OpenAI's list of items (messages,
+//! function calls and function call outputs), read back from the request stored on the job row. `instructions` is not an input item, as with
 //! OpenAI. Pagination: `limit` (1–100, default 20), `order` (`asc` or `desc`, default `desc`),
 //! `after` and `before` (item ids).
 
@@ -19,50 +19,35 @@ use super::{
     ApiError, AppState,
 };
 use crate::{
-    request::{Content, CreateResponse, Input},
+    request::{self, InputItem},
     store::jobs::JobRow,
 };
 
-/// The input items of a job, oldest first, each with a stable id `msg_<job>_<index>`.
+/// The input items of a job, oldest first, each with a stable id `<prefix>_<job>_<index>`
+/// (`msg_` for a message, `fc_` for a function call, `fco_` for a function call's output).
 pub fn input_items(job: &JobRow) -> Result<Vec<Value>, ApiError> {
-    let request: CreateResponse = serde_json::from_value(job.request.0.clone())
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored request unreadable: {e}")))?;
-    let item = |i: usize, role: &str, texts: Vec<&str>| {
-        let part_type = if role == "assistant" {
-            "output_text"
-        } else {
-            "input_text"
-        };
-        json!({
-            "type": "message",
-            "id": format!("msg_{}_{i}", job.id.0.simple()),
-            "status": "completed",
-            "role": role,
-            "content": texts.into_iter()
-                .map(|text| json!({"type": part_type, "text": text}))
-                .collect::<Vec<_>>(),
+    let items = request::stored_input(&job.request.0).map_err(|e| {
+        ApiError::Internal(anyhow::anyhow!("stored request unreadable: {}", e.message))
+    })?;
+    Ok(items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let prefix = match item {
+                InputItem::Message { .. } => "msg",
+                InputItem::FunctionCall { .. } => "fc",
+                InputItem::FunctionCallOutput { .. } => "fco",
+            };
+            item.to_json(&format!("{prefix}_{}_{i}", job.id.0.simple()))
         })
-    };
-    Ok(match &request.input {
-        Input::Text(text) => vec![item(0, "user", vec![text])],
-        Input::Items(items) => items
-            .iter()
-            .enumerate()
-            .map(|(i, it)| {
-                let texts = match &it.content {
-                    Content::Text(text) => vec![text.as_str()],
-                    Content::Parts(parts) => parts.iter().map(|p| p.text.as_str()).collect(),
-                };
-                item(i, &it.role, texts)
-            })
-            .collect(),
-    })
+        .collect())
 }
 
 fn invalid(message: &str, param: &str) -> ApiError {
     ApiError::InvalidRequest {
         message: message.into(),
         param: Some(param.into()),
+        code: None,
     }
 }
 

@@ -26,7 +26,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
 pub use object::response_object;
-pub use stream::{events_from, known_end, StreamEvent, FIRST_DELTA};
+pub use stream::{events_from, StreamEvent, FIRST_PIECE};
 
 use crate::{admission::Admission, config::Config, queue::Publisher, store::notify::JobWatch};
 
@@ -88,6 +88,7 @@ fn body_error(rejection: BytesRejection) -> Response {
         ApiError::InvalidRequest {
             message: format!("Could not read the request body: {rejection}"),
             param: None,
+            code: None,
         }
         .into_response()
     }

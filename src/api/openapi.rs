@@ -1,7 +1,7 @@
 //! The OpenAPI 3.1 document served at `/openapi.json`. Its paths come from the `#[utoipa::path]`
 //! attributes on the handlers, collected by the same `OpenApiRouter` that routes them, so a
-//! documented path is a served path. The request body's schema is derived from the type the
-//! front parses; the answers, built as JSON, are described by the shapes below.
+//! documented path is a served path. The request body and the answers are read and built as JSON
+//! (`request.rs`, `object.rs`); the shapes below describe them.
 
 use std::collections::HashMap;
 
@@ -37,6 +37,44 @@ impl Modify for BearerKey {
     }
 }
 
+/// The body of `POST /v1/responses`. Every field here is honoured, or refused with a 400
+/// (`unsupported_parameter`) for a model whose provider cannot carry it out; any other field is a
+/// 400 `unknown_parameter`. The README's table says which provider honours what.
+#[derive(Serialize, ToSchema)]
+pub struct CreateResponse {
+    model: String,
+    /// A string (one user message), or a list of items: messages (`role`, `content` as a string
+    /// or text parts), `function_call` and `function_call_output`.
+    input: serde_json::Value,
+    instructions: Option<String>,
+    max_output_tokens: Option<u32>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    metadata: Option<HashMap<String, String>>,
+    store: Option<bool>,
+    background: Option<bool>,
+    stream: Option<bool>,
+    user: Option<String>,
+    safety_identifier: Option<String>,
+    prompt_cache_key: Option<String>,
+    /// `auto` or `default`.
+    service_tier: Option<String>,
+    /// Tools of type `function` (`name`, `description`, `parameters`, `strict`).
+    tools: Option<Vec<serde_json::Value>>,
+    /// `auto`, `none`, `required`, or `{"type": "function", "name": …}`.
+    tool_choice: Option<serde_json::Value>,
+    parallel_tool_calls: Option<bool>,
+    /// `{"format": {"type": "text" | "json_object" | "json_schema", …}}`.
+    text: Option<serde_json::Value>,
+    /// `{"effort": "minimal" | "low" | "medium" | "high" | …}`.
+    reasoning: Option<serde_json::Value>,
+    /// A response of the same key to continue: its history, input and output come before this
+    /// input.
+    previous_response_id: Option<String>,
+    /// `disabled` only.
+    truncation: Option<String>,
+}
+
 /// OpenAI's Response object.
 #[derive(Serialize, ToSchema)]
 pub struct ResponseObject {
@@ -54,8 +92,14 @@ pub struct ResponseObject {
     instructions: Option<String>,
     max_output_tokens: Option<u32>,
     model: String,
-    /// One assistant message once a worker has started the job, else empty.
-    output: Vec<OutputMessage>,
+    /// The output items in order: assistant messages and function calls.
+    output: Vec<OutputItem>,
+    tools: Vec<serde_json::Value>,
+    tool_choice: serde_json::Value,
+    parallel_tool_calls: bool,
+    text: serde_json::Value,
+    reasoning: serde_json::Value,
+    previous_response_id: Option<String>,
     temperature: Option<f64>,
     top_p: Option<f64>,
     store: bool,
@@ -68,6 +112,51 @@ pub struct ResponseObject {
 pub struct ResponseError {
     code: String,
     message: String,
+}
+
+/// An output item.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // describes JSON built elsewhere; never constructed
+pub enum OutputItem {
+    Message(OutputMessage),
+    FunctionCall(FunctionCall),
+}
+
+/// A function call the model made.
+#[derive(Serialize, ToSchema)]
+pub struct FunctionCall {
+    /// Always `function_call`.
+    #[serde(rename = "type")]
+    kind: String,
+    id: String,
+    status: String,
+    call_id: String,
+    name: String,
+    /// JSON text.
+    arguments: String,
+}
+
+/// A function call's output sent by the client.
+#[derive(Serialize, ToSchema)]
+pub struct FunctionCallOutput {
+    /// Always `function_call_output`.
+    #[serde(rename = "type")]
+    kind: String,
+    id: String,
+    status: String,
+    call_id: String,
+    output: String,
+}
+
+/// An input item.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // describes JSON built elsewhere; never constructed
+pub enum InputItem {
+    Message(InputMessage),
+    FunctionCall(FunctionCall),
+    FunctionCallOutput(FunctionCallOutput),
 }
 
 #[derive(Serialize, ToSchema)]
@@ -138,7 +227,7 @@ pub struct Deleted {
 pub struct InputItemList {
     /// Always `list`.
     object: String,
-    data: Vec<InputMessage>,
+    data: Vec<InputItem>,
     first_id: Option<String>,
     last_id: Option<String>,
     has_more: bool,

@@ -25,7 +25,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::{
     bearer, body_error, input_items,
     object::response_object,
-    openapi::{Deleted, ErrorBody, ResponseObject, StreamEventData},
+    openapi::{CreateResponse as CreateResponseBody, Deleted, ErrorBody, ResponseObject, StreamEventData},
     query_pairs,
     stream::Follower,
     ApiError, AppState,
@@ -104,7 +104,7 @@ pub(super) async fn owned_job(
 /// Creates a response: admission, then the job. The answer follows `background` and `stream`.
 #[utoipa::path(
     post, path = "/v1/responses", tag = "responses", security(("api_key" = [])),
-    request_body = CreateResponse,
+    request_body = CreateResponseBody,
     params(("Idempotency-Key" = Option<String>, Header,
             description = "The same key and idempotency key return the first job.")),
     responses(
@@ -142,6 +142,7 @@ async fn create(
                 message: "The Idempotency-Key header must be 1 to 255 visible ASCII characters."
                     .into(),
                 param: None,
+                code: None,
             })
         }
     };
@@ -192,9 +193,12 @@ async fn create(
         }
     };
     let mut response = match mode {
-        Mode::Background => Json(response_object(&job)).into_response(),
+        Mode::Background => Json(object_now(&state, &job).await?).into_response(),
         Mode::Stream => Follower::new(state, job.id, job.key_id, None).into_sse(),
-        Mode::Wait => Json(response_object(&wait_finished(&state, job).await?)).into_response(),
+        Mode::Wait => {
+            let job = wait_finished(&state, job).await?;
+            Json(object_now(&state, &job).await?).into_response()
+        }
     };
     add_rate_headers(response.headers_mut(), &decision.rates);
     Ok(response)
@@ -292,13 +296,20 @@ async fn retrieve(
     if stream {
         return Ok(Follower::new(state, job.id, key.id, starting_after).into_sse());
     }
-    Ok(Json(response_object(&job)).into_response())
+    Ok(Json(object_now(&state, &job).await?).into_response())
+}
+
+/// The Response object of `job` with its output as the rows hold it.
+async fn object_now(state: &AppState, job: &JobRow) -> Result<Value, ApiError> {
+    let output = jobs::output(&state.pool, job).await?;
+    Ok(response_object(job, &output))
 }
 
 fn invalid_param(message: &str, param: &str) -> ApiError {
     ApiError::InvalidRequest {
         message: message.into(),
         param: Some(param.into()),
+        code: None,
     }
 }
 
@@ -353,10 +364,10 @@ async fn cancel(
     match jobs::cancel(&state.pool, job_id, key.id, charge).await? {
         Cancelled::Now(job) => {
             tracing::info!(job_id = %job.id, "cancelled");
-            Ok(Json(response_object(&job)).into_response())
+            Ok(Json(object_now(&state, &job).await?).into_response())
         }
         Cancelled::AlreadyFinished(job) if job.status == crate::ids::JobStatus::Cancelled => {
-            Ok(Json(response_object(&job)).into_response())
+            Ok(Json(object_now(&state, &job).await?).into_response())
         }
         Cancelled::AlreadyFinished(job) => Err(ApiError::InvalidRequest {
             message: format!(
@@ -367,6 +378,7 @@ async fn cancel(
                     .unwrap_or("finished")
             ),
             param: None,
+            code: None,
         }),
         Cancelled::NotFound => Err(ApiError::job_not_found(&id)),
     }

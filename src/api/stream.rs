@@ -3,23 +3,26 @@
 //!
 //! # Numbering
 //!
-//! A job's events are numbered from its row and the event rows of its latest attempt (`attempt`
-//! on the job row; a worker's claim raises it and clears `output_text`). With `n` the number of
-//! deltas that attempt has written:
+//! A job's events are numbered from its row and the pieces of its latest attempt (`attempt` on
+//! the job row; a worker's claim raises it). Each piece the worker wrote is one event (see
+//! `output.rs`); with `n` the number of pieces that attempt has written:
 //!
 //! | sequence_number | event | present when |
 //! |---|---|---|
 //! | 0 | `response.created` | always |
 //! | 1 | `response.queued` | always |
 //! | 2 | `response.in_progress` | a worker claimed the job (`attempt` ≥ 1) |
-//! | 3 | `response.output_item.added` | 〃 |
-//! | 4 | `response.content_part.added` | 〃 |
-//! | 5 + i | `response.output_text.delta` with delta i of the attempt | 〃, for i in 0..n |
-//! | 5 + n | `response.output_text.done` | 〃, and the job is finished |
-//! | 6 + n | `response.content_part.done` | 〃 |
-//! | 7 + n | `response.output_item.done` | 〃 |
-//! | 8 + n | the terminal event | 〃 |
+//! | 3 + i | piece i of the attempt, for i in 0..n | 〃 |
+//! | 3 + n … | the `.done` events of the last item, if it is open | 〃, and the job is finished |
+//! | then | the terminal event | 〃 |
 //! | 2 | the terminal event | the job finished without ever being claimed |
+//!
+//! Pieces are the events of OpenAI's stream: a message is `response.output_item.added`,
+//! `response.content_part.added`, `response.output_text.delta`s, `response.output_text.done`,
+//! `response.content_part.done`, `response.output_item.done`; a function call is
+//! `response.output_item.added`, `response.function_call_arguments.delta`s,
+//! `response.function_call_arguments.done`, `response.output_item.done`. Each item has its
+//! `output_index`, in order.
 //!
 //! The terminal event is `response.completed`, `response.failed`, `response.incomplete`, or
 //! `response.cancelled` (a cancelled job; OpenAI's API names no event for this), and carries the
@@ -27,13 +30,13 @@
 //!
 //! # Attempts
 //!
-//! Only the latest attempt's deltas count. Numbers 0–4 mean the same in every attempt; from 5 on
-//! they follow the latest attempt. A live reader that has already sent deltas (numbers ≥ 5) of an
+//! Only the latest attempt's pieces count. Numbers 0–2 mean the same in every attempt; from 3 on
+//! they follow the latest attempt. A live reader that has already sent pieces (numbers ≥ 3) of an
 //! attempt that a worker then abandons (the worker died and another took the job over) sends an
-//! `error` event with code `response_restarted` and ends the stream: the text it sent is void, and
-//! the client starts again from `starting_after=4` (or retrieves the object). A client that resumes
-//! with `starting_after` ≥ 5 after such a restart gets the new attempt's events after that number;
-//! the text it had before belonged to the abandoned attempt.
+//! `error` event with code `response_restarted` and ends the stream: the output it sent is void,
+//! and the client starts again from `starting_after=2` (or retrieves the object). A client that
+//! resumes with `starting_after` ≥ 3 after such a restart gets the new attempt's events after
+//! that number; what it had before belonged to the abandoned attempt.
 
 use std::{convert::Infallible, time::Duration};
 
@@ -45,19 +48,21 @@ use futures::{stream, StreamExt};
 use serde_json::{json, Value};
 
 use super::{
-    object::{output_message, output_text_part, response_before_output, response_object},
+    object::{item_status, opened_item, output_item, output_text_part, response_before_output,
+             response_object, item_id},
     AppState,
 };
 use crate::{
     ids::{JobId, JobStatus, KeyId},
+    output::{Item, Output, Piece},
     store::{
-        jobs::{self, AttemptDeltas, JobRow},
+        jobs::{self, AttemptPieces, JobRow},
         notify::Subscription,
     },
 };
 
-/// Sequence number of the first delta.
-pub const FIRST_DELTA: u64 = 5;
+/// Sequence number of the first piece.
+pub const FIRST_PIECE: u64 = 3;
 
 /// One event of the stream: its type and its data (which repeats `type` and `sequence_number`).
 #[derive(Debug, Clone, PartialEq)]
@@ -65,18 +70,6 @@ pub struct StreamEvent {
     pub sequence_number: u64,
     pub kind: &'static str,
     pub data: Value,
-}
-
-/// One past the last sequence number the rows define so far; when the job is finished, the
-/// number of events it has in all.
-pub fn known_end(job: &JobRow, total_deltas: usize) -> u64 {
-    let started = job.attempt >= 1;
-    match (started, job.status.is_terminal()) {
-        (false, false) => 2,
-        (false, true) => 3,
-        (true, false) => FIRST_DELTA + total_deltas as u64,
-        (true, true) => FIRST_DELTA + total_deltas as u64 + 4,
-    }
 }
 
 fn terminal_kind(status: JobStatus) -> &'static str {
@@ -89,77 +82,137 @@ fn terminal_kind(status: JobStatus) -> &'static str {
     }
 }
 
-/// The events of `job` numbered `next` and on, as far as the rows define them. `deltas` are the
-/// latest attempt's deltas from index `next - FIRST_DELTA` (or 0) on.
-pub fn events_from(job: &JobRow, deltas: &AttemptDeltas, next: u64) -> Vec<StreamEvent> {
-    let started = job.attempt >= 1;
-    let n = deltas.total as u64;
-    let first_fetched = next.saturating_sub(FIRST_DELTA);
-    let mut end = known_end(job, deltas.total);
-    // Never past a delta that was not read (the rows are read in one statement, so this guards
-    // only against a caller passing less than it should).
-    let fetched_end = first_fetched + deltas.deltas.len() as u64;
-    if started && fetched_end < n {
-        end = end.min(FIRST_DELTA + fetched_end);
-    }
-    let item_id = job.id.message_id();
-    let text = || job.output_text.as_str();
-    (next..end)
-        .map(|seq| {
-            let (kind, mut data) = match seq {
-                0 => (
-                    "response.created",
-                    json!({"response": response_before_output(job, JobStatus::Queued)}),
-                ),
-                1 => (
-                    "response.queued",
-                    json!({"response": response_before_output(job, JobStatus::Queued)}),
-                ),
-                2 if !started => (
-                    terminal_kind(job.status),
-                    json!({"response": response_object(job)}),
-                ),
-                2 => (
-                    "response.in_progress",
-                    json!({"response": response_before_output(job, JobStatus::InProgress)}),
-                ),
-                3 => (
-                    "response.output_item.added",
-                    json!({"output_index": 0, "item": {
-                        "id": item_id, "type": "message", "status": "in_progress",
-                        "role": "assistant", "content": [],
-                    }}),
-                ),
-                4 => (
-                    "response.content_part.added",
-                    json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-                           "part": output_text_part("")}),
-                ),
-                s if s < FIRST_DELTA + n => (
-                    "response.output_text.delta",
-                    json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-                           "delta": deltas.deltas[(s - FIRST_DELTA - first_fetched) as usize],
-                           "logprobs": []}),
-                ),
-                s if s == FIRST_DELTA + n => (
-                    "response.output_text.done",
-                    json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-                           "text": text(), "logprobs": []}),
-                ),
-                s if s == FIRST_DELTA + n + 1 => (
-                    "response.content_part.done",
-                    json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-                           "part": output_text_part(text())}),
-                ),
-                s if s == FIRST_DELTA + n + 2 => (
-                    "response.output_item.done",
-                    json!({"output_index": 0, "item": output_message(job, text())}),
-                ),
-                _ => (
-                    terminal_kind(job.status),
-                    json!({"response": response_object(job)}),
-                ),
+/// The event of a piece, once `output` has folded it in (the piece concerns the last item).
+/// `closing`: a `.done` the reader adds for a finished job, whose item status follows the job.
+fn piece_event(job: &JobRow, output: &Output, piece: &Piece, closing: bool) -> (&'static str, Value) {
+    let index = output.items.len().saturating_sub(1);
+    let Some(last) = output.items.last() else {
+        // Only a broken row has a delta before any item; it is shown as an empty delta.
+        return ("response.output_text.delta", json!({"output_index": 0, "delta": ""}));
+    };
+    let item = &last.item;
+    let id = item_id(job, index, item);
+    let (text, arguments) = match item {
+        Item::Message { text } => (text.as_str(), ""),
+        Item::FunctionCall { arguments, .. } => ("", arguments.as_str()),
+    };
+    match piece {
+        Piece::MessageAdded | Piece::CallAdded { .. } => (
+            "response.output_item.added",
+            json!({"output_index": index, "item": opened_item(job, index, item)}),
+        ),
+        Piece::PartAdded => (
+            "response.content_part.added",
+            json!({"item_id": id, "output_index": index, "content_index": 0,
+                   "part": output_text_part("")}),
+        ),
+        Piece::Text(delta) => (
+            "response.output_text.delta",
+            json!({"item_id": id, "output_index": index, "content_index": 0,
+                   "delta": delta, "logprobs": []}),
+        ),
+        Piece::TextDone => (
+            "response.output_text.done",
+            json!({"item_id": id, "output_index": index, "content_index": 0,
+                   "text": text, "logprobs": []}),
+        ),
+        Piece::PartDone => (
+            "response.content_part.done",
+            json!({"item_id": id, "output_index": index, "content_index": 0,
+                   "part": output_text_part(text)}),
+        ),
+        Piece::Arguments(delta) => (
+            "response.function_call_arguments.delta",
+            json!({"item_id": id, "output_index": index, "delta": delta}),
+        ),
+        Piece::ArgumentsDone => {
+            let name = match item {
+                Item::FunctionCall { name, .. } => name.as_str(),
+                Item::Message { .. } => "",
             };
+            (
+                "response.function_call_arguments.done",
+                json!({"item_id": id, "output_index": index, "name": name,
+                       "arguments": arguments}),
+            )
+        }
+        Piece::ItemDone => {
+            let status = item_status(job, !closing);
+            (
+                "response.output_item.done",
+                json!({"output_index": index, "item": output_item(job, index, item, status)}),
+            )
+        }
+    }
+}
+
+/// The events of `job` numbered `next` and on, as far as the rows define them, folding the newly
+/// read pieces into `output`. `read` holds the latest attempt's pieces from index
+/// `output.pieces` on (what `output` has not folded yet). Returns the events and whether the
+/// stream is complete (the terminal event is among them or before `next`).
+pub fn events_from(
+    job: &JobRow,
+    output: &mut Output,
+    read: &AttemptPieces,
+    next: u64,
+) -> (Vec<StreamEvent>, bool) {
+    let started = job.attempt >= 1;
+    let mut events: Vec<(u64, &'static str, Value)> = Vec::new();
+    let mut push = |seq: u64, kind: &'static str, data: Value| {
+        if seq >= next {
+            events.push((seq, kind, data));
+        }
+    };
+    push(
+        0,
+        "response.created",
+        json!({"response": response_before_output(job, JobStatus::Queued)}),
+    );
+    push(
+        1,
+        "response.queued",
+        json!({"response": response_before_output(job, JobStatus::Queued)}),
+    );
+    let mut complete = false;
+    if !started {
+        if job.status.is_terminal() {
+            push(
+                2,
+                terminal_kind(job.status),
+                json!({"response": response_object(job, output)}),
+            );
+            complete = true;
+        }
+    } else {
+        push(
+            2,
+            "response.in_progress",
+            json!({"response": response_before_output(job, JobStatus::InProgress)}),
+        );
+        for piece in &read.pieces {
+            let seq = FIRST_PIECE + output.pieces as u64;
+            output.apply(piece);
+            let (kind, data) = piece_event(job, output, piece, false);
+            push(seq, kind, data);
+        }
+        if job.status.is_terminal() && output.pieces >= read.total {
+            let mut seq = FIRST_PIECE + output.pieces as u64;
+            for piece in output.closing() {
+                let (kind, data) = piece_event(job, output, &piece, true);
+                push(seq, kind, data);
+                seq += 1;
+            }
+            push(
+                seq,
+                terminal_kind(job.status),
+                json!({"response": response_object(job, output)}),
+            );
+            complete = true;
+        }
+    }
+    let events = events
+        .into_iter()
+        .map(|(seq, kind, mut data)| {
             data["type"] = json!(kind);
             data["sequence_number"] = json!(seq);
             StreamEvent {
@@ -168,7 +221,8 @@ pub fn events_from(job: &JobRow, deltas: &AttemptDeltas, next: u64) -> Vec<Strea
                 data,
             }
         })
-        .collect()
+        .collect();
+    (events, complete)
 }
 
 /// A reader of one job's events: reads what the rows hold after `next`, then waits for a change.
@@ -177,7 +231,10 @@ pub struct Follower {
     id: JobId,
     key_id: KeyId,
     next: u64,
-    /// The attempt whose deltas this reader has sent, once it has sent any.
+    /// The latest attempt's output as far as it was read, and which attempt that is.
+    output: Output,
+    folded_attempt: i32,
+    /// The attempt whose pieces this reader has sent, once it has sent any.
     streamed_attempt: Option<i32>,
     subscription: Subscription,
     done: bool,
@@ -193,6 +250,8 @@ impl Follower {
             id,
             key_id,
             next: starting_after.map_or(0, |n| n.saturating_add(1)),
+            output: Output::default(),
+            folded_attempt: 0,
             streamed_attempt: None,
             subscription,
             done: false,
@@ -242,31 +301,28 @@ impl Follower {
             self.done = true;
             return Ok(vec![self.error_event(
                 "response_restarted",
-                "The response was restarted after a worker failure and the text streamed so far \
-                 is void; resume with starting_after=4 or retrieve the response.",
+                "The response was restarted after a worker failure and the output streamed so \
+                 far is void; resume with starting_after=2 or retrieve the response.",
             )]);
         }
-        let deltas = if job.attempt >= 1 {
-            jobs::attempt_deltas(
-                &self.state.pool,
-                self.id,
-                job.attempt,
-                self.next.saturating_sub(FIRST_DELTA) as usize,
-            )
-            .await?
+        if job.attempt != self.folded_attempt {
+            self.output = Output::default();
+            self.folded_attempt = job.attempt;
+        }
+        let read = if job.attempt >= 1 {
+            jobs::attempt_pieces(&self.state.pool, self.id, job.attempt, self.output.pieces)
+                .await?
         } else {
-            AttemptDeltas::default()
+            AttemptPieces::default()
         };
-        let events = events_from(&job, &deltas, self.next);
+        let (events, complete) = events_from(&job, &mut self.output, &read, self.next);
         if let Some(last) = events.last() {
             self.next = last.sequence_number + 1;
         }
-        if job.attempt >= 1 && self.next > FIRST_DELTA {
+        if job.attempt >= 1 && self.next > FIRST_PIECE {
             self.streamed_attempt = Some(job.attempt);
         }
-        if job.status.is_terminal() && self.next >= known_end(&job, deltas.total) {
-            self.done = true;
-        }
+        self.done = complete;
         Ok(events)
     }
 
@@ -306,18 +362,21 @@ mod tests {
     use sqlx::types::Json;
 
     use super::*;
-    use crate::ids::KeyId;
+    use crate::{ids::KeyId, output::Shaper};
 
-    fn job(status: JobStatus, attempt: i32, text: &str) -> JobRow {
+    fn job(status: JobStatus, attempt: i32) -> JobRow {
         JobRow {
             id: JobId::new(),
             key_id: KeyId(uuid::Uuid::nil()),
             model: "m".into(),
             status,
             request: Json(json!({"model": "m", "input": "x"})),
-            output_text: text.into(),
+            output_text: String::new(),
             input_tokens: None,
             output_tokens: None,
+            reasoning_tokens: None,
+            history: None,
+            previous_response_id: None,
             cost_micro_usd: None,
             usage_estimated: None,
             incomplete_reason: None,
@@ -329,14 +388,23 @@ mod tests {
         }
     }
 
-    fn deltas(all: &[&str], from: usize) -> AttemptDeltas {
-        AttemptDeltas {
-            deltas: all[from.min(all.len())..]
-                .iter()
-                .map(|d| d.to_string())
-                .collect(),
-            total: all.len(),
+    /// The pieces a worker writes for these text deltas.
+    fn text_pieces(deltas: &[&str]) -> Vec<Piece> {
+        let mut shaper = Shaper::default();
+        let mut pieces = Vec::new();
+        for d in deltas {
+            shaper.text(d.to_string(), &mut pieces);
         }
+        pieces
+    }
+
+    /// All events of `job` after `next`, reading `pieces` in one go.
+    fn read_all(job: &JobRow, pieces: &[Piece], next: u64) -> (Vec<StreamEvent>, bool) {
+        let read = AttemptPieces {
+            pieces: pieces.to_vec(),
+            total: pieces.len(),
+        };
+        events_from(job, &mut Output::default(), &read, next)
     }
 
     fn kinds(events: &[StreamEvent]) -> Vec<&str> {
@@ -345,57 +413,129 @@ mod tests {
 
     #[test]
     fn a_job_never_claimed_has_three_events_at_most() {
-        let queued = job(JobStatus::Queued, 0, "");
-        let events = events_from(&queued, &AttemptDeltas::default(), 0);
+        let (events, complete) = read_all(&job(JobStatus::Queued, 0), &[], 0);
         assert_eq!(kinds(&events), ["response.created", "response.queued"]);
-        let expired = job(JobStatus::Failed, 0, "");
-        let events = events_from(&expired, &AttemptDeltas::default(), 1);
+        assert!(!complete);
+        let (events, complete) = read_all(&job(JobStatus::Failed, 0), &[], 1);
         assert_eq!(kinds(&events), ["response.queued", "response.failed"]);
         assert_eq!(events[1].data["sequence_number"], 2);
+        assert!(complete);
     }
 
     #[test]
-    fn numbers_follow_the_deltas_and_resume_anywhere() {
-        let all = ["a", "b", "c"];
-        let done = job(JobStatus::Completed, 2, "abc");
-        let full = events_from(&done, &deltas(&all, 0), 0);
-        assert_eq!(full.len() as u64, known_end(&done, 3));
-        assert_eq!(full.len(), 5 + 3 + 4);
+    fn numbers_follow_the_pieces_and_resume_anywhere() {
+        let pieces = text_pieces(&["a", "b", "c"]);
+        let done = job(JobStatus::Completed, 2);
+        let (full, complete) = read_all(&done, &pieces, 0);
+        assert!(complete);
+        assert_eq!(
+            kinds(&full),
+            [
+                "response.created",
+                "response.queued",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.delta",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
         for (i, e) in full.iter().enumerate() {
             assert_eq!(e.sequence_number, i as u64);
             assert_eq!(e.data["sequence_number"], i as u64);
             assert_eq!(e.data["type"], e.kind);
         }
         for next in 0..=full.len() as u64 {
-            let from = next.saturating_sub(FIRST_DELTA) as usize;
-            assert_eq!(
-                events_from(&done, &deltas(&all, from), next),
-                full[next as usize..]
-            );
+            assert_eq!(read_all(&done, &pieces, next).0, full[next as usize..]);
         }
         assert_eq!(full[6].data["delta"], "b");
         assert_eq!(full[8].data["text"], "abc");
+        assert_eq!(full[10].data["item"]["status"], "completed");
+        assert_eq!(full[11].data["response"]["output"][0]["content"][0]["text"], "abc");
+    }
+
+    #[test]
+    fn reading_in_parts_gives_the_same_events() {
+        let pieces = text_pieces(&["a", "b", "c"]);
+        let done = job(JobStatus::Completed, 1);
+        let (full, _) = read_all(&done, &pieces, 0);
+        let mut output = Output::default();
+        let mut seen = Vec::new();
+        let mut next = 0;
+        for chunk in pieces.chunks(2) {
+            let read = AttemptPieces {
+                pieces: chunk.to_vec(),
+                total: output.pieces + chunk.len(),
+            };
+            let running = job(JobStatus::InProgress, 1);
+            let running = JobRow { id: done.id, created_at: done.created_at, ..running };
+            let (batch, _) = events_from(&running, &mut output, &read, next);
+            next = batch.last().map_or(next, |e| e.sequence_number + 1);
+            seen.extend(batch);
+        }
+        let (rest, complete) = events_from(&done, &mut output, &AttemptPieces {
+            pieces: Vec::new(),
+            total: pieces.len(),
+        }, next);
+        assert!(complete);
+        seen.extend(rest);
+        assert_eq!(kinds(&seen), kinds(&full));
+        assert_eq!(seen.last(), full.last());
+    }
+
+    #[test]
+    fn a_function_call_follows_the_text_with_its_own_index() {
+        let mut shaper = Shaper::default();
+        let mut pieces = Vec::new();
+        shaper.text("Checking.".into(), &mut pieces);
+        shaper.call("call_1".into(), "get_weather".into(), &mut pieces);
+        shaper.arguments("{\"city\":".into(), &mut pieces);
+        shaper.arguments("\"Paris\"}".into(), &mut pieces);
+        let (events, _) = read_all(&job(JobStatus::Completed, 1), &pieces, 0);
+        let tail: Vec<&str> = kinds(&events)[9..].to_vec();
+        assert_eq!(
+            tail,
+            [
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        let added = &events[10].data;
+        assert_eq!(added["output_index"], 1);
+        assert_eq!(added["item"]["type"], "function_call");
+        assert_eq!(added["item"]["arguments"], "");
+        assert_eq!(events[13].data["arguments"], "{\"city\":\"Paris\"}");
+        let output = &events[15].data["response"]["output"];
+        assert_eq!(output[1]["call_id"], "call_1");
+        assert_eq!(output[1]["status"], "completed");
+        assert!(output[1]["id"].as_str().unwrap().starts_with("fc_"));
     }
 
     #[test]
     fn a_running_job_shows_what_is_written_and_no_more() {
-        let running = job(JobStatus::InProgress, 1, "ab");
-        let events = events_from(&running, &deltas(&["a", "b"], 0), 0);
+        let (events, complete) = read_all(&job(JobStatus::InProgress, 1), &text_pieces(&["a", "b"]), 0);
+        assert!(!complete);
         assert_eq!(events.len(), 7);
         assert_eq!(events[6].kind, "response.output_text.delta");
-        // Fewer deltas read than counted: stop before the first missing one.
-        let short = AttemptDeltas {
-            deltas: vec!["a".into()],
-            total: 2,
-        };
-        assert_eq!(events_from(&running, &short, 0).len(), 6);
     }
 
     #[test]
     fn a_cancelled_running_job_ends_with_response_cancelled() {
-        let cancelled = job(JobStatus::Cancelled, 1, "a");
-        let events = events_from(&cancelled, &deltas(&["a"], 0), 0);
+        let (events, _) = read_all(&job(JobStatus::Cancelled, 1), &text_pieces(&["a"]), 0);
         assert_eq!(events.last().unwrap().kind, "response.cancelled");
         assert_eq!(events[8].data["item"]["status"], "incomplete");
+        // A job that failed before any output has no items at all.
+        let (events, _) = read_all(&job(JobStatus::Failed, 1), &[], 0);
+        assert_eq!(kinds(&events), ["response.created", "response.queued", "response.in_progress", "response.failed"]);
     }
 }

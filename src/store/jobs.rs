@@ -12,6 +12,7 @@ use sqlx::{types::Json, PgConnection, PgPool};
 use crate::{
     ids::{JobId, JobStatus, KeyId},
     money::MicroUsd,
+    output::{Output, Piece},
 };
 
 /// What admission decided to write for an accepted request.
@@ -29,6 +30,9 @@ pub struct NewJob<'a> {
     pub reserved: MicroUsd,
     pub counter_slot: i16,
     pub outbox_payload: &'a Value,
+    /// The conversation a `previous_response_id` brings, as Responses API items.
+    pub history: Option<&'a Value>,
+    pub previous_response_id: Option<JobId>,
 }
 
 /// Inside the admission transaction, in one statement: takes the in-flight slot and the budget
@@ -46,8 +50,8 @@ pub async fn insert_admitted(
          ), job AS (
              INSERT INTO tollgate.jobs
                  (id, key_id, model, request, estimated_input_tokens, reserved_micro_usd,
-                  counter_slot, idempotency_key, request_hash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $10)
+                  counter_slot, idempotency_key, request_hash, history, previous_response_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $10, $11, $12)
              RETURNING id, created_at
          )
          INSERT INTO tollgate.outbox (job_id, payload)
@@ -64,6 +68,8 @@ pub async fn insert_admitted(
     .bind(Json(job.outbox_payload))
     .bind(job.idempotency_key)
     .bind(job.request_hash)
+    .bind(job.history.map(Json))
+    .bind(job.previous_response_id)
     .fetch_one(conn)
     .await
 }
@@ -76,9 +82,15 @@ pub struct JobRow {
     pub model: String,
     pub status: JobStatus,
     pub request: Json<Value>,
+    /// The text of the job's messages (function calls are in its events).
     pub output_text: String,
     pub input_tokens: Option<i32>,
     pub output_tokens: Option<i32>,
+    /// The part of `output_tokens` spent on reasoning, as the upstream reported it.
+    pub reasoning_tokens: Option<i32>,
+    /// The conversation before the input (see `previous_response_id`).
+    pub history: Option<Json<Value>>,
+    pub previous_response_id: Option<JobId>,
     pub cost_micro_usd: Option<i64>,
     /// Whether the token counts are tollgate's estimate (see `billing`).
     pub usage_estimated: Option<bool>,
@@ -92,7 +104,7 @@ pub struct JobRow {
 }
 
 const JOB_COLUMNS: &str = "id, key_id, model, status, request, output_text, input_tokens, \
-    output_tokens, cost_micro_usd, usage_estimated, incomplete_reason, error, attempt, \
+    output_tokens, reasoning_tokens, history, previous_response_id, cost_micro_usd, usage_estimated, incomplete_reason, error, attempt, \
     created_at, started_at, finished_at";
 
 /// The job `id` if it belongs to `key_id` (another key's job does not exist for it).
@@ -132,9 +144,10 @@ pub struct Claimed {
     pub tries: i32,
     pub model: String,
     pub request: Json<Value>,
+    pub history: Option<Json<Value>>,
     /// Input tokens as admission counted them (what an estimated charge uses).
     pub estimated_input_tokens: i32,
-    /// What the previous attempt streamed, when its worker died before charging it (empty
+    /// What the previous attempt generated, when its worker died before charging it (empty
     /// otherwise): the new owner charges it with [`add_cost`].
     pub abandoned_output: String,
 }
@@ -147,7 +160,7 @@ pub struct Claimed {
 pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim, sqlx::Error> {
     let claimed: Option<Claimed> = sqlx::query_as(
         "WITH old AS (
-             SELECT id, attempt, settled_attempt, output_text FROM tollgate.jobs
+             SELECT id, attempt, settled_attempt FROM tollgate.jobs
               WHERE id = $1 FOR UPDATE
          )
          UPDATE tollgate.jobs j
@@ -158,9 +171,10 @@ pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim
            FROM old
           WHERE j.id = old.id
             AND (j.status = 'queued' OR (j.status = 'in_progress' AND j.lease_until < now()))
-          RETURNING j.attempt, j.attempt - j.handbacks AS tries, j.model, j.request,
+          RETURNING j.attempt, j.attempt - j.handbacks AS tries, j.model, j.request, j.history,
                     j.estimated_input_tokens,
-                    CASE WHEN old.attempt > old.settled_attempt THEN old.output_text ELSE '' END
+                    CASE WHEN old.attempt > old.settled_attempt
+                         THEN tollgate.generated_text(old.id, old.attempt) ELSE '' END
                         AS abandoned_output",
     )
     .bind(id)
@@ -182,18 +196,26 @@ pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim
     })
 }
 
-/// Appends a batch of streamed deltas to the job (one event row, and the accumulated text on the
-/// job row), in one statement. Returns false when this attempt no longer owns the job (cancelled,
-/// or taken over): the worker must stop. (The lease is renewed beside the call, not here.)
-#[tracing::instrument(skip_all, fields(job_id = %id, n = deltas.len()))]
-pub async fn append_deltas(
+/// Appends a batch of pieces to the job (one event row, and the text of its messages on the job
+/// row), in one statement. Returns false when this attempt no longer owns the job (cancelled, or
+/// taken over): the worker must stop. (The lease is renewed beside the call, not here.)
+#[tracing::instrument(skip_all, fields(job_id = %id, n = pieces.len()))]
+pub async fn append_pieces(
     pool: &PgPool,
     id: JobId,
     attempt: i32,
     seq_first: i32,
-    deltas: &[String],
+    pieces: &[Piece],
 ) -> Result<bool, sqlx::Error> {
-    let text: String = deltas.concat();
+    let text: String = pieces
+        .iter()
+        .filter_map(|p| match p {
+            Piece::Text(text) => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    let kinds: String = pieces.iter().map(Piece::kind).collect();
+    let payloads: Vec<String> = pieces.iter().map(Piece::payload).collect();
     let written = sqlx::query(
         "WITH job AS (
              UPDATE tollgate.jobs
@@ -201,14 +223,15 @@ pub async fn append_deltas(
               WHERE id = $1 AND attempt = $2 AND status = 'in_progress'
               RETURNING id
          )
-         INSERT INTO tollgate.job_events (job_id, attempt, seq_first, seq_last, deltas)
-         SELECT id, $2, $3, $3 + cardinality($5::text[]) - 1, $5 FROM job",
+         INSERT INTO tollgate.job_events (job_id, attempt, seq_first, seq_last, deltas, kinds)
+         SELECT id, $2, $3, $3 + cardinality($5::text[]) - 1, $5, $6 FROM job",
     )
     .bind(id)
     .bind(attempt)
     .bind(seq_first)
     .bind(text)
-    .bind(deltas)
+    .bind(payloads)
+    .bind(kinds)
     .execute(pool)
     .await?
     .rows_affected();
@@ -220,6 +243,8 @@ pub async fn append_deltas(
 pub struct Spent {
     pub input_tokens: Option<i32>,
     pub output_tokens: Option<i32>,
+    /// The reasoning part of `output_tokens`, when the upstream reported it.
+    pub reasoning_tokens: Option<i32>,
     pub usage_estimated: Option<bool>,
     /// The attempt's cost, added to the job's `cost_micro_usd` (the sum over its attempts).
     pub cost: MicroUsd,
@@ -252,7 +277,7 @@ pub async fn finish(
         "UPDATE tollgate.jobs
             SET status = $3, input_tokens = $4, output_tokens = $5,
                 cost_micro_usd = coalesce(cost_micro_usd, 0) + $6, usage_estimated = $8,
-                incomplete_reason = $9, settled_attempt = attempt,
+                incomplete_reason = $9, reasoning_tokens = $10, settled_attempt = attempt,
                 error = $7, finished_at = now(), updated_at = now(), lease_until = NULL
           WHERE id = $1 AND attempt = $2 AND status = 'in_progress'",
     )
@@ -265,6 +290,7 @@ pub async fn finish(
     .bind(outcome.error.as_ref().map(Json))
     .bind(outcome.spent.usage_estimated)
     .bind(outcome.incomplete_reason)
+    .bind(outcome.spent.reasoning_tokens)
     .execute(pool)
     .await?
     .rows_affected();
@@ -286,6 +312,7 @@ pub enum Cancelled {
 #[derive(Debug)]
 pub struct Stopping {
     pub model: String,
+    /// Everything the attempt generated: message text, function names and arguments.
     pub output_text: String,
     pub estimated_input_tokens: i32,
 }
@@ -321,7 +348,8 @@ async fn stop_unfinished(
     charge: impl FnOnce(&Stopping) -> Spent,
 ) -> Result<Option<JobRow>, sqlx::Error> {
     let locked: Option<(String, bool, String, i32)> = sqlx::query_as(
-        "SELECT model, attempt > settled_attempt, output_text, estimated_input_tokens
+        "SELECT model, attempt > settled_attempt, tollgate.generated_text(id, attempt),
+                estimated_input_tokens
            FROM tollgate.jobs
           WHERE id = $1 AND key_id = $2 AND status IN ('queued', 'in_progress')
           FOR UPDATE",
@@ -537,26 +565,26 @@ pub async fn delete_for_key(
     Ok(deleted == 1)
 }
 
-/// The streamed deltas of one attempt of a job.
+/// The pieces of one attempt of a job.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct AttemptDeltas {
-    /// The deltas with index `from` onwards, in order.
-    pub deltas: Vec<String>,
-    /// How many deltas the attempt has written in all.
+pub struct AttemptPieces {
+    /// The pieces with index `from` onwards, in order.
+    pub pieces: Vec<Piece>,
+    /// How many pieces the attempt has written in all.
     pub total: usize,
 }
 
-/// The deltas of `attempt` with index `from` and later, and how many the attempt wrote. Rows of
+/// The pieces of `attempt` with index `from` and later, and how many the attempt wrote. Rows of
 /// one attempt are written one after another by its single worker, so their ranges are contiguous.
 #[tracing::instrument(skip_all, fields(job_id = %id, attempt, from))]
-pub async fn attempt_deltas(
+pub async fn attempt_pieces(
     pool: &PgPool,
     id: JobId,
     attempt: i32,
     from: usize,
-) -> Result<AttemptDeltas, sqlx::Error> {
-    let rows: Vec<(i32, i32, Vec<String>)> = sqlx::query_as(
-        "SELECT seq_first, seq_last, deltas FROM tollgate.job_events
+) -> Result<AttemptPieces, sqlx::Error> {
+    let rows: Vec<(i32, i32, Vec<String>, String)> = sqlx::query_as(
+        "SELECT seq_first, seq_last, deltas, kinds FROM tollgate.job_events
           WHERE job_id = $1 AND attempt = $2 AND seq_last >= $3
           ORDER BY seq_first",
     )
@@ -566,9 +594,9 @@ pub async fn attempt_deltas(
     .fetch_all(pool)
     .await?;
     let total = match rows.last() {
-        Some((_, last, _)) => *last as usize + 1,
+        Some((_, last, _, _)) => *last as usize + 1,
         None => {
-            // No delta from `from` on when the rows were read; any counted now came later, and
+            // No piece from `from` on when the rows were read; any counted now came later, and
             // are left for the next read.
             let total: i32 = sqlx::query_scalar(
                 "SELECT coalesce(max(seq_last) + 1, 0) FROM tollgate.job_events
@@ -581,10 +609,21 @@ pub async fn attempt_deltas(
             (total as usize).min(from)
         }
     };
-    let mut deltas = Vec::new();
-    for (first, _, row) in rows {
+    let mut pieces = Vec::new();
+    for (first, _, payloads, kinds) in rows {
         let skip = from.saturating_sub(first as usize);
-        deltas.extend(row.into_iter().skip(skip));
+        for (kind, payload) in kinds.chars().zip(payloads).skip(skip) {
+            pieces.push(Piece::decode(kind, payload).map_err(|e| sqlx::Error::Decode(e.into()))?);
+        }
     }
-    Ok(AttemptDeltas { deltas, total })
+    Ok(AttemptPieces { pieces, total })
+}
+
+/// The output of the job's latest attempt, as it stands.
+pub async fn output(pool: &PgPool, job: &JobRow) -> Result<Output, sqlx::Error> {
+    if job.attempt < 1 {
+        return Ok(Output::default());
+    }
+    let read = attempt_pieces(pool, job.id, job.attempt, 0).await?;
+    Ok(Output::from_pieces(&read.pieces))
 }

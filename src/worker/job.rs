@@ -22,9 +22,10 @@ use crate::{
     config::ModelConfig,
     ids::{JobId, JobStatus},
     money::MicroUsd,
+    output::{Piece, Shaper},
     provider::{self, CallRequest, Chunk, ProviderError, StopReason},
     queue::JobMessage,
-    request::CreateResponse,
+    request::{self, CreateResponse, InputItem},
     store::jobs::{self, Claim, Claimed, Outcome, Spent, Stopping},
     tokens,
 };
@@ -99,6 +100,7 @@ async fn run_inner(
         tries,
         model: model_name,
         request: Json(request),
+        history,
         estimated_input_tokens,
         abandoned_output,
     } = claimed;
@@ -143,12 +145,19 @@ async fn run_inner(
         jobs::finish(&worker.pool, id, attempt, &failed(Spent::default(), error)).await?;
         return Ok(Disposition::Ack);
     }
-    let request: CreateResponse = match serde_json::from_value(request) {
-        Ok(r) => r,
+    let read = CreateResponse::from_value(&request).and_then(|request| {
+        let history = match history {
+            Some(Json(Value::Array(items))) => request::parse_items(&items, "history")?,
+            _ => Vec::new(),
+        };
+        Ok((request, history))
+    });
+    let (request, history): (CreateResponse, Vec<InputItem>) = match read {
+        Ok(read) => read,
         Err(e) => {
             let error = error_json(
                 "invalid_request",
-                format!("stored request unreadable: {e}"),
+                format!("stored request unreadable: {}", e.message),
                 attempt,
             );
             jobs::finish(&worker.pool, id, attempt, &failed(Spent::default(), error)).await?;
@@ -165,7 +174,7 @@ async fn run_inner(
         return Ok(Disposition::Ack);
     };
 
-    let call = request.call_request(model);
+    let call = request.call_request(model, &history);
     let mut used = Used::default();
     let end = stream_into_rows(
         worker,
@@ -305,11 +314,14 @@ fn lease_renewal(lease_seconds: u32) -> Duration {
     Duration::from_millis((lease_seconds as u64 * 1000 / 3).max(1000))
 }
 
-/// What an attempt has used so far: the text streamed and the last usage reported.
+/// What an attempt has used so far: what the model generated (message text and function-call
+/// arguments) and the last usage reported.
 #[derive(Debug, Default)]
 struct Used {
     output_text: String,
-    reported: Option<(u32, u32)>,
+    /// Whether any output arrived (a function call with no arguments is output too).
+    started: bool,
+    reported: Option<provider::Usage>,
 }
 
 impl Used {
@@ -368,7 +380,7 @@ async fn stream_into_rows(
             }
         };
         let first_token_due = async {
-            if used.output_text.is_empty() {
+            if !used.started {
                 tokio::time::sleep_until(first_token_deadline).await
             } else {
                 std::future::pending().await
@@ -385,20 +397,20 @@ async fn stream_into_rows(
                 }
             }
             chunk = chunks.next() => match chunk {
-                Some(Ok(Chunk::Delta(text))) => {
-                    let text = without_nul(text);
-                    used.output_text.push_str(&text);
-                    batch.push(text, settings.flush_interval());
+                Some(Ok(chunk @ (Chunk::Delta(_) | Chunk::ToolCall { .. } | Chunk::Arguments(_)))) => {
+                    used.started = true;
+                    if !batch.push(chunk, used, settings.flush_interval()) {
+                        break StreamEnd::Failed(ProviderError::Protocol(
+                            "function call arguments arrived outside a function call".into(),
+                        ));
+                    }
                     if batch.pending.len() >= settings.flush_max_deltas
                         && !batch.flush(worker, id, attempt).await?
                     {
                         return Ok(StreamEnd::Fenced);
                     }
                 }
-                Some(Ok(Chunk::Usage(crate::provider::Usage { input_tokens, output_tokens, .. }))) => {
-                    used.reported = Some((input_tokens, output_tokens));
-                }
-                Some(Ok(Chunk::ToolCall { .. } | Chunk::Arguments(_))) => {}
+                Some(Ok(Chunk::Usage(usage))) => used.reported = Some(usage),
                 Some(Ok(Chunk::End(stop))) => break StreamEnd::Ended(stop),
                 Some(Err(e)) => break StreamEnd::Failed(e),
                 // Closed without the end marker: the answer was cut off somewhere upstream.
@@ -423,22 +435,46 @@ fn without_nul(text: String) -> String {
     }
 }
 
-/// Deltas waiting to be written.
+/// Pieces waiting to be written.
 #[derive(Default)]
 struct Batch {
-    pending: Vec<String>,
+    shaper: Shaper,
+    pending: Vec<Piece>,
     next_seq: i32,
     deadline: Option<Instant>,
 }
 
 impl Batch {
-    fn push(&mut self, text: String, max_age: Duration) {
-        self.pending.push(text);
-        self.deadline
-            .get_or_insert_with(|| Instant::now() + max_age);
+    /// Shapes a chunk of output into pieces and notes what it generated in `used`; false when
+    /// the chunk breaks the output's shape (arguments with no call open).
+    fn push(&mut self, chunk: Chunk, used: &mut Used, max_age: Duration) -> bool {
+        match chunk {
+            Chunk::Delta(text) => {
+                let text = without_nul(text);
+                used.output_text.push_str(&text);
+                self.shaper.text(text, &mut self.pending);
+            }
+            Chunk::ToolCall { call_id, name } => {
+                self.shaper
+                    .call(without_nul(call_id), without_nul(name), &mut self.pending);
+            }
+            Chunk::Arguments(arguments) => {
+                let arguments = without_nul(arguments);
+                used.output_text.push_str(&arguments);
+                if !self.shaper.arguments(arguments, &mut self.pending) {
+                    return false;
+                }
+            }
+            Chunk::Usage(_) | Chunk::End(_) => {}
+        }
+        if !self.pending.is_empty() {
+            self.deadline
+                .get_or_insert_with(|| Instant::now() + max_age);
+        }
+        true
     }
 
-    /// Writes the pending deltas; false when this attempt no longer owns the job.
+    /// Writes the pending pieces; false when this attempt no longer owns the job.
     async fn flush(
         &mut self,
         worker: &Worker,
@@ -450,7 +486,7 @@ impl Batch {
             return Ok(true);
         }
         let owned =
-            jobs::append_deltas(&worker.pool, id, attempt, self.next_seq, &self.pending).await?;
+            jobs::append_pieces(&worker.pool, id, attempt, self.next_seq, &self.pending).await?;
         self.next_seq += self.pending.len() as i32;
         self.pending.clear();
         Ok(owned)

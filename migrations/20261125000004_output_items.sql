@@ -1,0 +1,51 @@
+-- Responses carry more than text: function calls, conversation state and reasoning usage.
+--
+-- `job_events.kinds`: one letter per entry of `deltas`, saying what the entry is. Each entry is
+-- one event of the response's stream (event 3 + i is entry i of the latest attempt):
+--   m  an assistant message opens        p  its text part opens        t  text (the entry)
+--   T  the text is whole                 P  the part is whole
+--   f  a function call opens (the entry is {"call_id", "name"} as JSON)
+--   a  arguments text (the entry)        A  the arguments are whole
+--   D  the item (message or call) is whole
+-- `seq_first` / `seq_last` now number entries of every kind. Rows written before this migration
+-- held text deltas only, numbered from 0; they are renumbered behind an `mp` row, so every
+-- attempt reads the same way. (The renumbering moves every row out of the way first, so no
+-- two rows share a key in between.)
+ALTER TABLE tollgate.job_events ADD COLUMN kinds text;
+UPDATE tollgate.job_events SET seq_first = -seq_first - 3, seq_last = -seq_last - 3;
+UPDATE tollgate.job_events
+   SET seq_first = -seq_first - 1, seq_last = -seq_last - 1,
+       kinds = repeat('t', cardinality(deltas));
+INSERT INTO tollgate.job_events (job_id, attempt, seq_first, seq_last, deltas, kinds, created_at)
+SELECT job_id, attempt, 0, 1, ARRAY['', ''], 'mp', min(created_at)
+  FROM tollgate.job_events GROUP BY job_id, attempt;
+ALTER TABLE tollgate.job_events
+    ALTER COLUMN kinds SET NOT NULL,
+    ADD CONSTRAINT job_events_kinds_match
+        CHECK (length(kinds) = cardinality(deltas) AND seq_last - seq_first + 1 = cardinality(deltas));
+
+-- `output_text` stays the text of the job's messages (every message, in order); function calls
+-- are read from `job_events` (kinds `f` and `a`).
+--
+-- `history`: the conversation before this request's input, when it named a
+-- `previous_response_id`: that response's history, input and output, as Responses API items
+-- (`message`, `function_call`, `function_call_output`). Copied at admission, so the job runs the
+-- same whatever happens to the earlier response later.
+-- `previous_response_id`: the job named (no foreign key: the earlier job may be deleted).
+-- `reasoning_tokens`: the part of `output_tokens` the model spent reasoning, as reported.
+ALTER TABLE tollgate.jobs
+    ADD COLUMN history              jsonb,
+    ADD COLUMN previous_response_id uuid,
+    ADD COLUMN reasoning_tokens     integer;
+
+-- Everything an attempt generated — message text and function-call arguments — for an estimated
+-- charge when the attempt stopped before the upstream reported its usage (cancel, delete, a dead
+-- worker). Used by the cancel and claim statements in `src/store/jobs.rs`.
+CREATE FUNCTION tollgate.generated_text(job uuid, of_attempt integer) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(string_agg(entry.text, '' ORDER BY e.seq_first, entry.n), '')
+      FROM tollgate.job_events e,
+           unnest(e.deltas) WITH ORDINALITY AS entry(text, n)
+     WHERE e.job_id = job AND e.attempt = of_attempt
+       AND substr(e.kinds, entry.n::integer, 1) IN ('t', 'a')
+$$;
