@@ -21,8 +21,8 @@
 
 use crate::{
     config::{Config, ModelConfig, TokenizerKind},
-    provider,
     money::MicroUsd,
+    provider,
     store::jobs::{Spent, Stopping},
     tokens,
 };

@@ -236,7 +236,10 @@ const REFUSED: &[(&str, &str)] = &[
         "prompt",
         "is not supported: stored prompt templates live with OpenAI",
     ),
-    ("top_logprobs", "is not supported: no provider streams log probabilities here"),
+    (
+        "top_logprobs",
+        "is not supported: no provider streams log probabilities here",
+    ),
     (
         "max_tool_calls",
         "is not supported: it limits hosted tools, which no configured provider runs",
@@ -464,9 +467,12 @@ fn parse_item(item: &Value, path: &str) -> Result<InputItem, InvalidRequest> {
     let kind = match fields.string("type")? {
         Some(kind) => kind,
         None if fields.get("role").is_some() => "message",
-        None => return Err(InvalidRequest::at(&fields.path("type"), format!(
-            "Missing required parameter: '{path}.type'."
-        ))),
+        None => {
+            return Err(InvalidRequest::at(
+                &fields.path("type"),
+                format!("Missing required parameter: '{path}.type'."),
+            ))
+        }
     };
     match kind {
         "message" => {
@@ -674,7 +680,10 @@ pub fn stored_input(request: &Value) -> Result<Vec<InputItem>, InvalidRequest> {
             parts: vec![text.clone()],
         }]),
         Some(Value::Array(items)) => parse_items(items, "input"),
-        _ => Err(InvalidRequest::at("input", "The stored request has no input.")),
+        _ => Err(InvalidRequest::at(
+            "input",
+            "The stored request has no input.",
+        )),
     }
 }
 
@@ -717,9 +726,9 @@ impl CreateResponse {
                 return Err(InvalidRequest::unknown(name));
             }
         }
-        let model = body.string("model")?.ok_or_else(|| {
-            InvalidRequest::at("model", "Missing required parameter: 'model'.")
-        })?;
+        let model = body
+            .string("model")?
+            .ok_or_else(|| InvalidRequest::at("model", "Missing required parameter: 'model'."))?;
         let input = match body.get("input") {
             Some(Value::String(text)) => vec![InputItem::Message {
                 role: "user".into(),
@@ -1102,9 +1111,18 @@ mod tests {
                 json!({"model": "m", "input": "x", "include": ["reasoning.encrypted_content"]}),
                 "include[0]",
             ),
-            (json!({"model": "m", "input": "x", "truncation": "auto"}), "truncation"),
-            (json!({"model": "m", "input": "x", "top_logprobs": 2}), "top_logprobs"),
-            (json!({"model": "m", "input": "x", "service_tier": "flex"}), "service_tier"),
+            (
+                json!({"model": "m", "input": "x", "truncation": "auto"}),
+                "truncation",
+            ),
+            (
+                json!({"model": "m", "input": "x", "top_logprobs": 2}),
+                "top_logprobs",
+            ),
+            (
+                json!({"model": "m", "input": "x", "service_tier": "flex"}),
+                "service_tier",
+            ),
             (
                 json!({"model": "m", "input": [{"role": "user", "content": [
                     {"type": "input_image", "image_url": "https://x/y.png"}]}]}),
@@ -1136,17 +1154,25 @@ mod tests {
         let call = r.call_request(&ModelConfig::mock("m"), &[]);
         assert_eq!(call.tools[0].name, "get_weather");
         assert_eq!(call.tools[0].strict, Some(true));
-        assert_eq!(call.tool_choice, Some(ToolChoice::Function("get_weather".into())));
+        assert_eq!(
+            call.tool_choice,
+            Some(ToolChoice::Function("get_weather".into()))
+        );
         assert_eq!(call.parallel_tool_calls, Some(false));
-        assert!(matches!(call.format, Some(OutputFormat::JsonSchema { ref name, .. }) if name == "w"));
+        assert!(
+            matches!(call.format, Some(OutputFormat::JsonSchema { ref name, .. }) if name == "w")
+        );
         assert_eq!(call.reasoning_effort.as_deref(), Some("high"));
         let e = parse(json!({"model": "m", "input": "x", "tool_choice": "required"})).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("tool_choice"));
-        let e = parse(json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": "a"}],
-                             "tool_choice": {"type": "function", "name": "b"}}))
+        let e = parse(
+            json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": "a"}],
+                             "tool_choice": {"type": "function", "name": "b"}}),
+        )
         .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("tool_choice.name"));
-        let e = parse(json!({"model": "m", "input": "x", "reasoning": {"effort": "max"}})).unwrap_err();
+        let e =
+            parse(json!({"model": "m", "input": "x", "reasoning": {"effort": "max"}})).unwrap_err();
         assert_eq!(e.code, Some("invalid_value"));
     }
 
@@ -1165,8 +1191,10 @@ mod tests {
                 output: "sunny".into()
             }
         );
-        let e = parse(json!({"model": "m", "input": [{"type": "function_call_output", "output": "x"}]}))
-            .unwrap_err();
+        let e = parse(
+            json!({"model": "m", "input": [{"type": "function_call_output", "output": "x"}]}),
+        )
+        .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("input[0].call_id"));
     }
 
@@ -1175,7 +1203,10 @@ mod tests {
         let mut model = ModelConfig::mock("claude");
         model.provider = ProviderKind::Anthropic;
         for (body, param) in [
-            (json!({"text": {"format": {"type": "json_object"}}}), "text.format"),
+            (
+                json!({"text": {"format": {"type": "json_object"}}}),
+                "text.format",
+            ),
             (json!({"reasoning": {"effort": "low"}}), "reasoning.effort"),
             (
                 json!({"tools": [{"type": "function", "name": "f", "strict": true}]}),
@@ -1185,7 +1216,10 @@ mod tests {
             let mut body = body;
             body["model"] = json!("claude");
             body["input"] = json!("x");
-            let e = parse(body).unwrap().check_for(&model, &[], 100).unwrap_err();
+            let e = parse(body)
+                .unwrap()
+                .check_for(&model, &[], 100)
+                .unwrap_err();
             assert_eq!(e.code, Some("unsupported_parameter"));
             assert_eq!(e.param.as_deref(), Some(param));
         }
@@ -1207,7 +1241,9 @@ mod tests {
         let e = parse(json!({"model": "m", "input": "x", "metadata": {"k": "v".repeat(513)}}))
             .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("metadata.k"));
-        assert!(parse(json!({"model": "m", "input": "x", "metadata": {"k".repeat(65): "v"}})).is_err());
+        assert!(
+            parse(json!({"model": "m", "input": "x", "metadata": {"k".repeat(65): "v"}})).is_err()
+        );
         assert!(parse(json!({"model": "m", "input": "x",
             "metadata": {"k".repeat(64): "v".repeat(512)}}))
         .is_ok());
@@ -1239,7 +1275,8 @@ mod tests {
         assert_eq!(e.param, None);
         let e = parse(json!({"model": "m", "input": "x", "temperature": 5})).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("temperature"));
-        let e = parse(json!({"model": "m", "input": [{"role": "robot", "content": "x"}]})).unwrap_err();
+        let e =
+            parse(json!({"model": "m", "input": [{"role": "robot", "content": "x"}]})).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("input[0].role"));
     }
 }

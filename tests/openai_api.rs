@@ -237,15 +237,15 @@ async fn a_live_follower_hears_of_an_abandoned_attempt() {
     let key = env.key().await;
     let id = env.submit_ok(&key, "mock-1", "restart").await;
     let uuid = Uuid::parse_str(id.strip_prefix("resp_").unwrap()).unwrap();
-    // Play a worker by hand: attempt 1 claims and writes two deltas.
+    // Play a worker by hand: attempt 1 claims and writes a message with two deltas.
     sqlx::query("UPDATE tollgate.jobs SET status = 'in_progress', attempt = 1 WHERE id = $1")
         .bind(uuid)
         .execute(&env.pool)
         .await
         .unwrap();
     sqlx::query(
-        "INSERT INTO tollgate.job_events (job_id, attempt, seq_first, seq_last, deltas)
-         VALUES ($1, 1, 0, 1, ARRAY['a', 'b'])",
+        "INSERT INTO tollgate.job_events (job_id, attempt, seq_first, seq_last, deltas, kinds)
+         VALUES ($1, 1, 0, 3, ARRAY['', '', 'a', 'b'], 'mptt')",
     )
     .bind(uuid)
     .execute(&env.pool)
@@ -299,8 +299,8 @@ async fn a_live_follower_hears_of_an_abandoned_attempt() {
 
     // A resume from 4 follows the new attempt: a delta of attempt 2, then its end.
     sqlx::query(
-        "INSERT INTO tollgate.job_events (job_id, attempt, seq_first, seq_last, deltas)
-         VALUES ($1, 2, 0, 0, ARRAY['c'])",
+        "INSERT INTO tollgate.job_events (job_id, attempt, seq_first, seq_last, deltas, kinds)
+         VALUES ($1, 2, 0, 2, ARRAY['', '', 'c'], 'mpt')",
     )
     .bind(uuid)
     .execute(&env.pool)
@@ -527,7 +527,7 @@ async fn input_items_list_the_stored_input() {
     assert_eq!(next["data"].as_array().unwrap().len(), 1);
     assert_eq!(
         next["data"][0]["content"],
-        json!([{"type": "output_text", "text": "a"}])
+        json!([{"type": "output_text", "text": "a", "annotations": []}])
     );
     assert_eq!(next["has_more"], false);
     let (status, error) = input_items(&env, &key, id, "?limit=0").await;

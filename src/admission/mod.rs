@@ -34,8 +34,8 @@ use crate::{
     ids::{JobId, JobStatus, KeyId},
     metrics,
     money::MicroUsd,
-    queue::JobMessage,
     output::Item,
+    queue::JobMessage,
     request::{self, CreateResponse, InputItem, InvalidRequest},
     store::{jobs, keys},
     tokens,
@@ -243,7 +243,9 @@ async fn history_of(
     }
     if !job.status.is_terminal() {
         return Err(previous_refused(
-            format!("Previous response '{shown}' is still in progress; wait until it has finished."),
+            format!(
+                "Previous response '{shown}' is still in progress; wait until it has finished."
+            ),
             "previous_response_in_progress",
         ));
     }

@@ -25,7 +25,9 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::{
     bearer, body_error, input_items,
     object::response_object,
-    openapi::{CreateResponse as CreateResponseBody, Deleted, ErrorBody, ResponseObject, StreamEventData},
+    openapi::{
+        CreateResponse as CreateResponseBody, Deleted, ErrorBody, ResponseObject, StreamEventData,
+    },
     query_pairs,
     stream::Follower,
     ApiError, AppState,

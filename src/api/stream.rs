@@ -48,8 +48,10 @@ use futures::{stream, StreamExt};
 use serde_json::{json, Value};
 
 use super::{
-    object::{item_status, opened_item, output_item, output_text_part, response_before_output,
-             response_object, item_id},
+    object::{
+        item_id, item_status, opened_item, output_item, output_text_part, response_before_output,
+        response_object,
+    },
     AppState,
 };
 use crate::{
@@ -84,11 +86,19 @@ fn terminal_kind(status: JobStatus) -> &'static str {
 
 /// The event of a piece, once `output` has folded it in (the piece concerns the last item).
 /// `closing`: a `.done` the reader adds for a finished job, whose item status follows the job.
-fn piece_event(job: &JobRow, output: &Output, piece: &Piece, closing: bool) -> (&'static str, Value) {
+fn piece_event(
+    job: &JobRow,
+    output: &Output,
+    piece: &Piece,
+    closing: bool,
+) -> (&'static str, Value) {
     let index = output.items.len().saturating_sub(1);
     let Some(last) = output.items.last() else {
         // Only a broken row has a delta before any item; it is shown as an empty delta.
-        return ("response.output_text.delta", json!({"output_index": 0, "delta": ""}));
+        return (
+            "response.output_text.delta",
+            json!({"output_index": 0, "delta": ""}),
+        );
     };
     let item = &last.item;
     let id = item_id(job, index, item);
@@ -310,8 +320,7 @@ impl Follower {
             self.folded_attempt = job.attempt;
         }
         let read = if job.attempt >= 1 {
-            jobs::attempt_pieces(&self.state.pool, self.id, job.attempt, self.output.pieces)
-                .await?
+            jobs::attempt_pieces(&self.state.pool, self.id, job.attempt, self.output.pieces).await?
         } else {
             AttemptPieces::default()
         };
@@ -456,7 +465,10 @@ mod tests {
         assert_eq!(full[6].data["delta"], "b");
         assert_eq!(full[8].data["text"], "abc");
         assert_eq!(full[10].data["item"]["status"], "completed");
-        assert_eq!(full[11].data["response"]["output"][0]["content"][0]["text"], "abc");
+        assert_eq!(
+            full[11].data["response"]["output"][0]["content"][0]["text"],
+            "abc"
+        );
     }
 
     #[test]
@@ -473,15 +485,24 @@ mod tests {
                 total: output.pieces + chunk.len(),
             };
             let running = job(JobStatus::InProgress, 1);
-            let running = JobRow { id: done.id, created_at: done.created_at, ..running };
+            let running = JobRow {
+                id: done.id,
+                created_at: done.created_at,
+                ..running
+            };
             let (batch, _) = events_from(&running, &mut output, &read, next);
             next = batch.last().map_or(next, |e| e.sequence_number + 1);
             seen.extend(batch);
         }
-        let (rest, complete) = events_from(&done, &mut output, &AttemptPieces {
-            pieces: Vec::new(),
-            total: pieces.len(),
-        }, next);
+        let (rest, complete) = events_from(
+            &done,
+            &mut output,
+            &AttemptPieces {
+                pieces: Vec::new(),
+                total: pieces.len(),
+            },
+            next,
+        );
         assert!(complete);
         seen.extend(rest);
         assert_eq!(kinds(&seen), kinds(&full));
@@ -523,7 +544,8 @@ mod tests {
 
     #[test]
     fn a_running_job_shows_what_is_written_and_no_more() {
-        let (events, complete) = read_all(&job(JobStatus::InProgress, 1), &text_pieces(&["a", "b"]), 0);
+        let (events, complete) =
+            read_all(&job(JobStatus::InProgress, 1), &text_pieces(&["a", "b"]), 0);
         assert!(!complete);
         assert_eq!(events.len(), 7);
         assert_eq!(events[6].kind, "response.output_text.delta");
@@ -536,6 +558,14 @@ mod tests {
         assert_eq!(events[8].data["item"]["status"], "incomplete");
         // A job that failed before any output has no items at all.
         let (events, _) = read_all(&job(JobStatus::Failed, 1), &[], 0);
-        assert_eq!(kinds(&events), ["response.created", "response.queued", "response.in_progress", "response.failed"]);
+        assert_eq!(
+            kinds(&events),
+            [
+                "response.created",
+                "response.queued",
+                "response.in_progress",
+                "response.failed"
+            ]
+        );
     }
 }
