@@ -9,17 +9,18 @@
 --   D  the item (message or call) is whole
 -- `seq_first` / `seq_last` now number entries of every kind. Rows written before this migration
 -- held text deltas only, numbered from 0; they are renumbered behind an `mp` row, so every
--- attempt reads the same way. (The renumbering moves every row out of the way first, so no
--- two rows share a key in between.)
+-- attempt reads the same way. (The primary key is rebuilt around the renumbering, which would
+-- otherwise collide with itself row by row.)
 ALTER TABLE tollgate.job_events ADD COLUMN kinds text;
-UPDATE tollgate.job_events SET seq_first = -seq_first - 3, seq_last = -seq_last - 3;
+ALTER TABLE tollgate.job_events DROP CONSTRAINT job_events_pkey;
 UPDATE tollgate.job_events
-   SET seq_first = -seq_first - 1, seq_last = -seq_last - 1,
+   SET seq_first = seq_first + 2, seq_last = seq_last + 2,
        kinds = repeat('t', cardinality(deltas));
 INSERT INTO tollgate.job_events (job_id, attempt, seq_first, seq_last, deltas, kinds, created_at)
 SELECT job_id, attempt, 0, 1, ARRAY['', ''], 'mp', min(created_at)
   FROM tollgate.job_events GROUP BY job_id, attempt;
 ALTER TABLE tollgate.job_events
+    ADD PRIMARY KEY (job_id, attempt, seq_first),
     ALTER COLUMN kinds SET NOT NULL,
     ADD CONSTRAINT job_events_kinds_match
         CHECK (length(kinds) = cardinality(deltas) AND seq_last - seq_first + 1 = cardinality(deltas));

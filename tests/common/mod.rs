@@ -24,7 +24,7 @@ use tollgate::{
 };
 use uuid::Uuid;
 
-fn pg_base() -> String {
+pub fn pg_base() -> String {
     std::env::var("TOLLGATE_TEST_PG")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
