@@ -518,7 +518,7 @@ mod tests {
         shaper.arguments("{\"city\":".into(), &mut pieces);
         shaper.arguments("\"Paris\"}".into(), &mut pieces);
         let (events, _) = read_all(&job(JobStatus::Completed, 1), &pieces, 0);
-        let tail: Vec<&str> = kinds(&events)[9..].to_vec();
+        let tail: Vec<&str> = kinds(&events)[8..].to_vec();
         assert_eq!(
             tail,
             [
@@ -531,12 +531,12 @@ mod tests {
                 "response.completed",
             ]
         );
-        let added = &events[10].data;
+        let added = &events[9].data;
         assert_eq!(added["output_index"], 1);
         assert_eq!(added["item"]["type"], "function_call");
         assert_eq!(added["item"]["arguments"], "");
-        assert_eq!(events[13].data["arguments"], "{\"city\":\"Paris\"}");
-        let output = &events[15].data["response"]["output"];
+        assert_eq!(events[12].data["arguments"], "{\"city\":\"Paris\"}");
+        let output = &events[14].data["response"]["output"];
         assert_eq!(output[1]["call_id"], "call_1");
         assert_eq!(output[1]["status"], "completed");
         assert!(output[1]["id"].as_str().unwrap().starts_with("fc_"));

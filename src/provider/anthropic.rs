@@ -2,11 +2,19 @@
 //! `x-api-key` and the `anthropic-version` header. The output cap always goes in `max_tokens`
 //! (which the API requires anyway). System messages, wherever they stand, become the top-level
 //! `system` string; the API wants the rest to alternate between `user` and `assistant`, so
-//! neighbours of the same role are merged.
+//! neighbours of the same role are merged (text with a blank line between). Function calls are
+//! the assistant's `tool_use` blocks (their arguments parsed: Anthropic takes an object, which
+//! admission made sure of), their outputs the user's `tool_result` blocks. Function tools become
+//! `tools` with `input_schema`; `tool_choice` `required` is `any`, a named function `tool`;
+//! `parallel_tool_calls: false` is `disable_parallel_tool_use`; the end user is
+//! `metadata.user_id`. What Anthropic cannot take (output formats, reasoning effort, prompt cache
+//! keys) admission refuses for this provider (`CreateResponse::check_for`).
 //!
 //! Events (named by their data's `type`): `message_start` carries the input usage (the input
 //! proper plus cache writes and reads, which are billed input too); `content_block_delta` with a
-//! `text_delta` carries text (thinking, tool input, signatures and citations are dropped);
+//! `text_delta` carries text (thinking, signatures and citations are not output);
+//! `content_block_start` of a `tool_use` block starts a function call, whose `input_json_delta`s
+//! are its arguments (a call with no input streams none: its arguments are `{}`);
 //! `message_delta` carries the `stop_reason` and cumulative usage (always the output, and in newer
 //! API versions the input again, which then replaces the start's); `message_stop` is the only end
 //! marker. `ping`, block starts and stops, and types this module does not know are skipped. An
@@ -22,7 +30,7 @@ use serde_json::{json, Value};
 use super::{
     http::{self, Decoder, KeyHeader},
     sse::SseEvent,
-    CallRequest, Chunk, ChunkStream, ProviderError, StopReason,
+    CallRequest, Chunk, ChunkStream, ProviderError, Role, StopReason, ToolChoice, Turn, Usage,
 };
 use crate::config::ModelConfig;
 
@@ -31,7 +39,7 @@ pub async fn stream(
     model: &ModelConfig,
     request: &CallRequest,
 ) -> Result<ChunkStream, ProviderError> {
-    let body = request_body(model, request);
+    let body = request_body(model, request)?;
     let response = http::post_stream(
         client,
         model,
@@ -46,33 +54,72 @@ pub async fn stream(
 
 /// The upstream request. A conversation that opens with `assistant`, or has nothing but system
 /// messages, is sent as it is: the upstream's 400 names the problem better than a guess would.
-fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
+fn request_body(model: &ModelConfig, request: &CallRequest) -> Result<Value, ProviderError> {
     let mut system: Vec<&str> = Vec::new();
-    let mut messages: Vec<(&str, String)> = Vec::new();
-    let all = request.as_messages();
-    for message in &all {
-        match message.role.as_str() {
-            "system" => system.push(&message.content),
-            role => {
-                // Only `user` and `assistant` exist upstream; anything else is the caller's words.
-                let role = if role == "assistant" {
-                    "assistant"
-                } else {
-                    "user"
-                };
-                match messages.last_mut() {
-                    Some((last, text)) if *last == role => {
-                        text.push_str("\n\n");
-                        text.push_str(&message.content);
+    // Each message: its role and its content blocks.
+    let mut messages: Vec<(&str, Vec<Value>)> = Vec::new();
+    for turn in &request.turns {
+        let (role, block) = match turn {
+            Turn::Message {
+                role: Role::System,
+                text,
+            } => {
+                system.push(text);
+                continue;
+            }
+            Turn::Message {
+                role: Role::Assistant,
+                text,
+            } => ("assistant", json!({"type": "text", "text": text})),
+            Turn::Message { text, .. } => ("user", json!({"type": "text", "text": text})),
+            Turn::FunctionCall {
+                call_id,
+                name,
+                arguments,
+            } => {
+                let input: Value = serde_json::from_str(arguments)
+                    .ok()
+                    .filter(Value::is_object)
+                    .ok_or_else(|| {
+                        ProviderError::Config(format!(
+                            "the arguments of function call {call_id} are not a JSON object"
+                        ))
+                    })?;
+                (
+                    "assistant",
+                    json!({"type": "tool_use", "id": call_id, "name": name, "input": input}),
+                )
+            }
+            Turn::FunctionOutput { call_id, output } => (
+                "user",
+                json!({"type": "tool_result", "tool_use_id": call_id, "content": output}),
+            ),
+        };
+        match messages.last_mut() {
+            Some((last, blocks)) if *last == role => {
+                // Text after text reads as one text, as before blocks existed.
+                match (blocks.last_mut(), block.get("text").and_then(Value::as_str)) {
+                    (Some(previous), Some(text)) if previous["type"] == "text" => {
+                        let joined =
+                            format!("{}\n\n{text}", previous["text"].as_str().unwrap_or(""));
+                        previous["text"] = json!(joined);
                     }
-                    _ => messages.push((role, message.content.clone())),
+                    _ => blocks.push(block),
                 }
             }
+            _ => messages.push((role, vec![block])),
         }
     }
     let messages: Vec<Value> = messages
         .into_iter()
-        .map(|(role, content)| json!({"role": role, "content": content}))
+        .map(|(role, blocks)| {
+            // A lone text block is sent as plain content.
+            let content = match blocks.as_slice() {
+                [only] if only["type"] == "text" => only["text"].clone(),
+                _ => json!(blocks),
+            };
+            json!({"role": role, "content": content})
+        })
         .collect();
     let mut body = json!({
         "model": model.upstream_model(),
@@ -90,7 +137,46 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
     if let Some(p) = request.top_p {
         body["top_p"] = json!(p);
     }
-    body
+    if !request.tools.is_empty() {
+        let tools: Vec<Value> = request
+            .tools
+            .iter()
+            .map(|tool| {
+                let mut value = json!({
+                    "name": tool.name,
+                    "input_schema": tool.parameters.clone()
+                        .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+                });
+                if let Some(d) = &tool.description {
+                    value["description"] = json!(d);
+                }
+                value
+            })
+            .collect();
+        body["tools"] = json!(tools);
+        let mut choice = match &request.tool_choice {
+            None | Some(ToolChoice::Auto) => json!({"type": "auto"}),
+            Some(ToolChoice::None) => json!({"type": "none"}),
+            Some(ToolChoice::Required) => json!({"type": "any"}),
+            Some(ToolChoice::Function(name)) => json!({"type": "tool", "name": name}),
+        };
+        if request.parallel_tool_calls == Some(false) && choice["type"] != "none" {
+            choice["disable_parallel_tool_use"] = json!(true);
+        }
+        if request.tool_choice.is_some() || request.parallel_tool_calls == Some(false) {
+            body["tool_choice"] = choice;
+        }
+    }
+    if let Some(user) = &request.end_user {
+        body["metadata"] = json!({"user_id": user});
+    }
+    debug_assert!(
+        request.format.is_none()
+            && request.reasoning_effort.is_none()
+            && request.prompt_cache_key.is_none(),
+        "admission refuses these for Anthropic models"
+    );
+    Ok(body)
 }
 
 /// The input usage fields; their sum is what the request was billed as input.
@@ -108,6 +194,8 @@ struct AnthropicDecoder {
     input: [u32; 3],
     /// The `stop_reason` of `message_delta`.
     stop: Option<StopReason>,
+    /// The `tool_use` block streaming now: its index, and whether it streamed any arguments.
+    tool_block: Option<(u64, bool)>,
 }
 
 impl AnthropicDecoder {
@@ -122,7 +210,7 @@ impl AnthropicDecoder {
     }
 
     fn usage(&self, usage: &Value) -> Chunk {
-        Chunk::Usage(crate::provider::Usage {
+        Chunk::Usage(Usage {
             input_tokens: self
                 .input
                 .iter()
@@ -147,17 +235,61 @@ impl Decoder for AnthropicDecoder {
                 self.update_input(usage);
                 Ok(vec![self.usage(usage)])
             }
-            "content_block_delta" => {
-                let delta = value.get("delta").unwrap_or(&Value::Null);
-                if delta.get("type").and_then(Value::as_str) != Some("text_delta") {
+            "content_block_start" => {
+                let block = value.get("content_block").unwrap_or(&Value::Null);
+                if block.get("type").and_then(Value::as_str) != Some("tool_use") {
                     return Ok(Vec::new());
                 }
-                Ok(delta
-                    .get("text")
+                let index = value.get("index").and_then(Value::as_u64).unwrap_or(0);
+                self.tool_block = Some((index, false));
+                let field = |name: &str| {
+                    block
+                        .get(name)
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                Ok(vec![Chunk::ToolCall {
+                    call_id: field("id"),
+                    name: field("name"),
+                }])
+            }
+            "content_block_delta" => {
+                let delta = value.get("delta").unwrap_or(&Value::Null);
+                let (field, text) = match delta.get("type").and_then(Value::as_str) {
+                    Some("text_delta") => ("text", true),
+                    Some("input_json_delta") => ("partial_json", false),
+                    _ => return Ok(Vec::new()),
+                };
+                let Some(piece) = delta
+                    .get(field)
                     .and_then(Value::as_str)
                     .filter(|t| !t.is_empty())
-                    .map(|t| vec![Chunk::Delta(t.to_string())])
-                    .unwrap_or_default())
+                else {
+                    return Ok(Vec::new());
+                };
+                if text {
+                    return Ok(vec![Chunk::Delta(piece.to_string())]);
+                }
+                if let Some((_, streamed)) = &mut self.tool_block {
+                    *streamed = true;
+                }
+                Ok(vec![Chunk::Arguments(piece.to_string())])
+            }
+            "content_block_stop" => {
+                let index = value.get("index").and_then(Value::as_u64).unwrap_or(0);
+                match self.tool_block {
+                    Some((open, streamed)) if open == index => {
+                        self.tool_block = None;
+                        // A call without input streams no arguments; its arguments are `{}`.
+                        Ok(if streamed {
+                            Vec::new()
+                        } else {
+                            vec![Chunk::Arguments("{}".into())]
+                        })
+                    }
+                    _ => Ok(Vec::new()),
+                }
             }
             "message_delta" => {
                 if let Some(reason) = value.pointer("/delta/stop_reason").and_then(Value::as_str) {
@@ -211,8 +343,15 @@ mod tests {
     use super::*;
     use crate::provider::{
         http::testing::{self, text},
-        ChatMessage,
+        FunctionTool,
     };
+
+    fn say(role: Role, text: &str) -> Turn {
+        Turn::Message {
+            role,
+            text: text.into(),
+        }
+    }
 
     fn decode_all(text: &str) -> Vec<Result<Chunk, ProviderError>> {
         testing::decode_all(AnthropicDecoder::default(), text)
@@ -220,7 +359,7 @@ mod tests {
 
     fn last_usage(chunks: &[Result<Chunk, ProviderError>]) -> Option<(u32, u32)> {
         chunks.iter().rev().find_map(|c| match c {
-            Ok(Chunk::Usage(crate::provider::Usage {
+            Ok(Chunk::Usage(Usage {
                 input_tokens,
                 output_tokens,
                 ..
@@ -307,7 +446,7 @@ mod tests {
         let usages: Vec<(u32, u32)> = decode_all(stream)
             .iter()
             .filter_map(|c| match c {
-                Ok(Chunk::Usage(crate::provider::Usage {
+                Ok(Chunk::Usage(Usage {
                     input_tokens,
                     output_tokens,
                     ..
@@ -381,52 +520,57 @@ mod tests {
     #[test]
     fn odd_conversations_do_not_panic() {
         let mut request = CallRequest {
-            messages: vec![
-                ChatMessage::new("assistant", "x"),
-                ChatMessage::new("system", "s"),
-                ChatMessage::new("assistant", "y"),
-            ],
-            max_output_tokens: 1,
-            temperature: None,
             top_p: Some(0.9),
+            ..CallRequest::plain(
+                vec![
+                    say(Role::Assistant, "x"),
+                    say(Role::System, "s"),
+                    say(Role::Assistant, "y"),
+                ],
+                1,
+            )
         };
         let model = ModelConfig::mock("claude");
-        let body = request_body(&model, &request);
+        let body = request_body(&model, &request).unwrap();
         assert_eq!(
             body["messages"],
             json!([{"role": "assistant", "content": "x\n\ny"}])
         );
         assert_eq!(body["top_p"], 0.9);
         assert!(body.get("temperature").is_none());
-        request.messages = vec![ChatMessage::new("system", "only")];
-        let body = request_body(&model, &request);
+        request.turns = vec![say(Role::System, "only")];
+        let body = request_body(&model, &request).unwrap();
         assert_eq!(body["messages"], json!([]));
         assert_eq!(body["system"], "only");
         assert_eq!(body["max_tokens"], 1);
-        request.messages.clear();
-        assert!(request_body(&model, &request).get("system").is_none());
+        request.turns.clear();
+        assert!(request_body(&model, &request)
+            .unwrap()
+            .get("system")
+            .is_none());
     }
 
     #[test]
     fn system_messages_go_to_system_and_roles_alternate() {
         let request = CallRequest {
-            messages: vec![
-                ChatMessage::new("system", "Be brief."),
-                ChatMessage::new("user", "a"),
-                ChatMessage::new("user", "b"),
-                ChatMessage::new("assistant", "c"),
-                ChatMessage::new("system", "Be kind."),
-                ChatMessage::new("user", "d"),
-                ChatMessage::new("system", "Be exact."),
-                ChatMessage::new("user", "e"),
-            ],
-            max_output_tokens: 55,
             temperature: Some(0.5),
-            top_p: None,
+            ..CallRequest::plain(
+                vec![
+                    say(Role::System, "Be brief."),
+                    say(Role::User, "a"),
+                    say(Role::User, "b"),
+                    say(Role::Assistant, "c"),
+                    say(Role::System, "Be kind."),
+                    say(Role::User, "d"),
+                    say(Role::System, "Be exact."),
+                    say(Role::User, "e"),
+                ],
+                55,
+            )
         };
         let mut model = ModelConfig::mock("claude");
         model.upstream_model = Some("claude-sonnet-4-5".into());
-        let body = request_body(&model, &request);
+        let body = request_body(&model, &request).unwrap();
         assert_eq!(body["model"], "claude-sonnet-4-5");
         assert_eq!(body["max_tokens"], 55);
         assert_eq!(body["stream"], true);
@@ -442,5 +586,109 @@ mod tests {
                 {"role": "user", "content": "d\n\ne"},
             ])
         );
+    }
+
+    #[test]
+    fn tools_calls_and_results_become_blocks() {
+        let request = CallRequest {
+            tools: vec![FunctionTool {
+                name: "get_weather".into(),
+                description: Some("Weather now".into()),
+                parameters: None,
+                strict: None,
+            }],
+            tool_choice: Some(ToolChoice::Required),
+            parallel_tool_calls: Some(false),
+            end_user: Some("u-1".into()),
+            ..CallRequest::plain(
+                vec![
+                    say(Role::User, "weather?"),
+                    say(Role::Assistant, "Checking."),
+                    Turn::FunctionCall {
+                        call_id: "toolu_1".into(),
+                        name: "get_weather".into(),
+                        arguments: "{\"city\":\"Paris\"}".into(),
+                    },
+                    Turn::FunctionOutput {
+                        call_id: "toolu_1".into(),
+                        output: "18 C".into(),
+                    },
+                    say(Role::User, "thanks"),
+                ],
+                100,
+            )
+        };
+        let body = request_body(&ModelConfig::mock("claude"), &request).unwrap();
+        assert_eq!(
+            body["messages"],
+            json!([
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                     "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "18 C"},
+                    {"type": "text", "text": "thanks"}]},
+            ])
+        );
+        assert_eq!(
+            body["tools"],
+            json!([{"name": "get_weather", "description": "Weather now",
+                    "input_schema": {"type": "object", "properties": {}}}])
+        );
+        assert_eq!(
+            body["tool_choice"],
+            json!({"type": "any", "disable_parallel_tool_use": true})
+        );
+        assert_eq!(body["metadata"], json!({"user_id": "u-1"}));
+        let broken = CallRequest::plain(
+            vec![Turn::FunctionCall {
+                call_id: "toolu_2".into(),
+                name: "f".into(),
+                arguments: "[1]".into(),
+            }],
+            1,
+        );
+        assert!(matches!(
+            request_body(&ModelConfig::mock("claude"), &broken),
+            Err(ProviderError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn a_recorded_tool_use_stream_gives_text_then_the_call() {
+        let chunks: Vec<Chunk> =
+            decode_all(include_str!("../../tests/fixtures/anthropic/tool_use.sse"))
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+        let call = chunks
+            .iter()
+            .position(|c| {
+                matches!(c, Chunk::ToolCall { call_id, name }
+                if call_id.starts_with("toolu_") && name == "get_weather")
+            })
+            .expect("a tool call");
+        assert!(matches!(&chunks[call - 1], Chunk::Delta(_)));
+        let arguments: String = chunks[call..]
+            .iter()
+            .filter_map(|c| match c {
+                Chunk::Arguments(a) => Some(a.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(arguments, "{\"city\": \"Paris\"}");
+        assert_eq!(chunks.last(), Some(&Chunk::End(StopReason::Completed)));
+        // A call without input has `{}` as its arguments.
+        let empty = concat!(
+            "event: content_block_start\n",
+            "data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":",
+            "{\"type\":\"tool_use\",\"id\":\"toolu_9\",\"name\":\"now\",\"input\":{}}}\n\n",
+            "event: content_block_stop\n",
+            "data: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        );
+        let chunks: Vec<Chunk> = decode_all(empty).into_iter().map(Result::unwrap).collect();
+        assert_eq!(chunks[1], Chunk::Arguments("{}".into()));
     }
 }

@@ -4,15 +4,24 @@
 //! `cap_field`); Azure OpenAI, OpenRouter, vLLM and Ollama need only configuration (key header,
 //! extra headers, query parameters).
 //!
+//! The conversation becomes `messages`: function calls of the assistant become its message's
+//! `tool_calls` (chat has no separate call items), their outputs `role: tool` messages. Function
+//! tools, `tool_choice`, `parallel_tool_calls` (only with tools: the API refuses it alone),
+//! `response_format`, `reasoning_effort`, `user`, `prompt_cache_key` and `service_tier` are the
+//! chat names of the Responses fields.
+//!
 //! The end marker is `data: [DONE]`; the stop reason is the `finish_reason` seen before it
-//! (`length` → cut off at the cap, `content_filter` → filtered, anything else → a natural end).
+//! (`length` → cut off at the cap, `content_filter` → filtered, anything else — `stop`,
+//! `tool_calls` — a natural end). Tool calls stream by `index`: the first fragment of a call has
+//! its `id` and name, the rest pieces of its arguments; calls come one after another.
 
 use serde_json::{json, Value};
 
 use super::{
     http::{self, Decoder, KeyHeader},
     sse::SseEvent,
-    CallRequest, Chunk, ChunkStream, ProviderError, StopReason,
+    CallRequest, Chunk, ChunkStream, OutputFormat, ProviderError, StopReason, ToolChoice, Turn,
+    Usage,
 };
 use crate::config::{CapField, ModelConfig};
 
@@ -34,11 +43,46 @@ pub async fn stream(
     Ok(http::decode_stream(response, ChatDecoder::default()))
 }
 
+/// The conversation as chat `messages`.
+fn messages(turns: &[Turn]) -> Vec<Value> {
+    let mut messages: Vec<Value> = Vec::with_capacity(turns.len());
+    for turn in turns {
+        match turn {
+            Turn::Message { role, text } => {
+                messages.push(json!({"role": role.as_str(), "content": text}));
+            }
+            Turn::FunctionCall {
+                call_id,
+                name,
+                arguments,
+            } => {
+                let call = json!({"id": call_id, "type": "function",
+                                  "function": {"name": name, "arguments": arguments}});
+                // Calls join the assistant message right before them, if there is one.
+                match messages.last_mut() {
+                    Some(last) if last["role"] == "assistant" => {
+                        match last["tool_calls"].as_array_mut() {
+                            Some(calls) => calls.push(call),
+                            None => last["tool_calls"] = json!([call]),
+                        }
+                    }
+                    _ => messages
+                        .push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
+                }
+            }
+            Turn::FunctionOutput { call_id, output } => {
+                messages.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}))
+            }
+        }
+    }
+    messages
+}
+
 /// The upstream request.
 fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
     let mut body = json!({
         "model": model.upstream_model(),
-        "messages": request.as_messages(),
+        "messages": messages(&request.turns),
         "stream": true,
         "stream_options": {"include_usage": true},
     });
@@ -57,6 +101,68 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
     if let Some(p) = request.top_p {
         body["top_p"] = json!(p);
     }
+    if !request.tools.is_empty() {
+        let tools: Vec<Value> = request
+            .tools
+            .iter()
+            .map(|tool| {
+                let mut function = json!({"name": tool.name});
+                if let Some(d) = &tool.description {
+                    function["description"] = json!(d);
+                }
+                if let Some(p) = &tool.parameters {
+                    function["parameters"] = p.clone();
+                }
+                if let Some(strict) = tool.strict {
+                    function["strict"] = json!(strict);
+                }
+                json!({"type": "function", "function": function})
+            })
+            .collect();
+        body["tools"] = json!(tools);
+        if let Some(parallel) = request.parallel_tool_calls {
+            body["parallel_tool_calls"] = json!(parallel);
+        }
+    }
+    if let Some(choice) = &request.tool_choice {
+        body["tool_choice"] = match choice {
+            ToolChoice::Auto => json!("auto"),
+            ToolChoice::None => json!("none"),
+            ToolChoice::Required => json!("required"),
+            ToolChoice::Function(name) => json!({"type": "function", "function": {"name": name}}),
+        };
+    }
+    match &request.format {
+        None => {}
+        Some(OutputFormat::JsonObject) => body["response_format"] = json!({"type": "json_object"}),
+        Some(OutputFormat::JsonSchema {
+            name,
+            description,
+            schema,
+            strict,
+        }) => {
+            let mut json_schema = json!({"name": name, "schema": schema});
+            if let Some(d) = description {
+                json_schema["description"] = json!(d);
+            }
+            if let Some(strict) = strict {
+                json_schema["strict"] = json!(strict);
+            }
+            body["response_format"] = json!({"type": "json_schema", "json_schema": json_schema});
+        }
+    }
+    if let Some(effort) = &request.reasoning_effort {
+        body["reasoning_effort"] = json!(effort);
+    }
+    if let Some(user) = &request.end_user {
+        body["user"] = json!(user);
+    }
+    if let Some(key) = &request.prompt_cache_key {
+        body["prompt_cache_key"] = json!(key);
+    }
+    if let Some(tier) = &request.service_tier {
+        body["service_tier"] = json!(tier);
+    }
     body
 }
 
@@ -65,6 +171,41 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
 struct ChatDecoder {
     /// The `finish_reason` seen so far.
     stop: Option<StopReason>,
+    /// The `index` of the tool call streaming now.
+    call: Option<u64>,
+}
+
+impl ChatDecoder {
+    fn tool_calls(&mut self, calls: &[Value], out: &mut Vec<Chunk>) -> Result<(), ProviderError> {
+        for call in calls {
+            let index = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let function = call.get("function").unwrap_or(&Value::Null);
+            if self.call != Some(index) {
+                let (Some(id), Some(name)) = (
+                    call.get("id").and_then(Value::as_str),
+                    function.get("name").and_then(Value::as_str),
+                ) else {
+                    return Err(ProviderError::Protocol(format!(
+                        "tool call {index} streamed without its id and name first (interleaved \
+                         tool calls are not supported)"
+                    )));
+                };
+                self.call = Some(index);
+                out.push(Chunk::ToolCall {
+                    call_id: id.to_string(),
+                    name: name.to_string(),
+                });
+            }
+            if let Some(arguments) = function
+                .get("arguments")
+                .and_then(Value::as_str)
+                .filter(|a| !a.is_empty())
+            {
+                out.push(Chunk::Arguments(arguments.to_string()));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Decoder for ChatDecoder {
@@ -88,6 +229,12 @@ impl Decoder for ChatDecoder {
         if let Some(text) = text.filter(|t| !t.is_empty()) {
             out.push(Chunk::Delta(text.to_string()));
         }
+        if let Some(calls) = choice
+            .and_then(|c| c.pointer("/delta/tool_calls"))
+            .and_then(Value::as_array)
+        {
+            self.tool_calls(calls, &mut out)?;
+        }
         if let Some(reason) = choice
             .and_then(|c| c.get("finish_reason"))
             .and_then(Value::as_str)
@@ -99,10 +246,13 @@ impl Decoder for ChatDecoder {
             });
         }
         if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
-            out.push(Chunk::Usage(crate::provider::Usage {
+            let details = usage
+                .get("completion_tokens_details")
+                .unwrap_or(&Value::Null);
+            out.push(Chunk::Usage(Usage {
                 input_tokens: http::count(usage, "prompt_tokens"),
                 output_tokens: http::count(usage, "completion_tokens"),
-                reasoning_tokens: 0,
+                reasoning_tokens: http::count(details, "reasoning_tokens"),
             }));
         }
         Ok(out)
@@ -114,8 +264,15 @@ mod tests {
     use super::*;
     use crate::provider::{
         http::testing::{self, text},
-        ChatMessage,
+        FunctionTool, Role,
     };
+
+    fn user(text: &str) -> Turn {
+        Turn::Message {
+            role: Role::User,
+            text: text.into(),
+        }
+    }
 
     fn decode_all(text: &str) -> Vec<Result<Chunk, ProviderError>> {
         testing::decode_all(ChatDecoder::default(), text)
@@ -129,9 +286,9 @@ mod tests {
             chunks.last(),
             Some(Ok(Chunk::End(StopReason::MaxOutputTokens)))
         ));
-        assert!(chunks
-            .iter()
-            .any(|c| matches!(c, Ok(Chunk::Usage(crate::provider::Usage { output_tokens, .. })) if *output_tokens > 0)));
+        assert!(chunks.iter().any(
+            |c| matches!(c, Ok(Chunk::Usage(Usage { output_tokens, .. })) if *output_tokens > 0)
+        ));
         let stream = include_str!("../../tests/fixtures/openai_chat/basic.sse");
         let chunks = decode_all(stream);
         assert!(matches!(
@@ -150,12 +307,7 @@ mod tests {
 
     #[test]
     fn the_cap_goes_in_the_configured_field() {
-        let request = CallRequest {
-            messages: vec![ChatMessage::new("user", "hi")],
-            max_output_tokens: 321,
-            temperature: None,
-            top_p: None,
-        };
+        let request = CallRequest::plain(vec![user("hi")], 321);
         let mut model = ModelConfig::mock("m");
         let body = request_body(&model, &request);
         assert_eq!(body["max_completion_tokens"], 321);
@@ -170,5 +322,104 @@ mod tests {
             (&body["max_tokens"], &body["max_completion_tokens"]),
             (&json!(321), &json!(321))
         );
+    }
+
+    #[test]
+    fn tools_calls_formats_and_reasoning_are_sent_in_chat_names() {
+        let request = CallRequest {
+            tools: vec![FunctionTool {
+                name: "get_weather".into(),
+                description: Some("Weather now".into()),
+                parameters: Some(json!({"type": "object"})),
+                strict: Some(true),
+            }],
+            tool_choice: Some(ToolChoice::Function("get_weather".into())),
+            parallel_tool_calls: Some(false),
+            format: Some(OutputFormat::JsonSchema {
+                name: "w".into(),
+                description: None,
+                schema: json!({"type": "object"}),
+                strict: Some(true),
+            }),
+            reasoning_effort: Some("high".into()),
+            end_user: Some("u-1".into()),
+            ..CallRequest::plain(
+                vec![
+                    user("weather?"),
+                    Turn::Message {
+                        role: Role::Assistant,
+                        text: "Checking.".into(),
+                    },
+                    Turn::FunctionCall {
+                        call_id: "call_1".into(),
+                        name: "get_weather".into(),
+                        arguments: "{\"city\":\"Paris\"}".into(),
+                    },
+                    Turn::FunctionOutput {
+                        call_id: "call_1".into(),
+                        output: "18 C".into(),
+                    },
+                ],
+                100,
+            )
+        };
+        let body = request_body(&ModelConfig::mock("m"), &request);
+        assert_eq!(
+            body["messages"],
+            json!([
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": "Checking.", "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+            ])
+        );
+        assert_eq!(
+            body["tools"],
+            json!([{"type": "function", "function": {"name": "get_weather",
+                "description": "Weather now", "parameters": {"type": "object"}, "strict": true}}])
+        );
+        assert_eq!(
+            body["tool_choice"],
+            json!({"type": "function", "function": {"name": "get_weather"}})
+        );
+        assert_eq!(body["parallel_tool_calls"], false);
+        assert_eq!(
+            body["response_format"],
+            json!({"type": "json_schema",
+                   "json_schema": {"name": "w", "schema": {"type": "object"}, "strict": true}})
+        );
+        assert_eq!(body["reasoning_effort"], "high");
+        assert_eq!(body["user"], "u-1");
+        // Without tools, no parallel_tool_calls (the API refuses it alone).
+        let plain = CallRequest {
+            parallel_tool_calls: Some(true),
+            ..CallRequest::plain(vec![user("hi")], 1)
+        };
+        assert!(request_body(&ModelConfig::mock("m"), &plain)
+            .get("parallel_tool_calls")
+            .is_none());
+    }
+
+    #[test]
+    fn a_recorded_tool_call_stream_gives_the_call_and_reasoning_usage() {
+        let chunks = decode_all(include_str!(
+            "../../tests/fixtures/openai_chat/tool_call.sse"
+        ));
+        let chunks: Vec<Chunk> = chunks.into_iter().map(Result::unwrap).collect();
+        assert!(matches!(&chunks[0], Chunk::ToolCall { call_id, name }
+            if call_id.starts_with("call_") && name == "get_weather"));
+        let arguments: String = chunks
+            .iter()
+            .filter_map(|c| match c {
+                Chunk::Arguments(a) => Some(a.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(arguments, "{\"city\":\"Paris\"}");
+        assert!(chunks
+            .iter()
+            .any(|c| matches!(c, Chunk::Usage(u) if u.reasoning_tokens == 64)));
+        assert_eq!(chunks.last(), Some(&Chunk::End(StopReason::Completed)));
     }
 }

@@ -1,11 +1,17 @@
 //! OpenAI's Responses API, streamed: `POST {base_url}/responses` with `stream: true` and
 //! `store: false` (tollgate keeps the job itself; nothing needs to live upstream). The output cap
 //! always goes in `max_output_tokens`. System messages become `instructions` (joined with a blank
-//! line); the other messages become `input`, a list of `message` items with string content.
+//! line); the rest of the conversation becomes `input`: `message` items with string content,
+//! `function_call` and `function_call_output` items. Tools, `tool_choice`,
+//! `parallel_tool_calls`, `text.format`, `reasoning.effort`, `user`, `prompt_cache_key` and
+//! `service_tier` are this API's own fields and pass through as they are.
 //!
-//! Every event names itself in its data's `type` (and in the SSE `event:` line). Only
-//! `response.output_text.delta` carries answer text; lifecycle, content-part, reasoning and tool
-//! events are skipped, and so are types this module does not know, since the API adds them freely.
+//! Every event names itself in its data's `type` (and in the SSE `event:` line).
+//! `response.output_text.delta` carries answer text; `response.output_item.added` of a
+//! `function_call` item starts a function call, and `response.function_call_arguments.delta`
+//! carries its arguments. Lifecycle, content-part, reasoning and `.done` events (which repeat what
+//! the deltas said) are skipped, and so are types this module does not know, since the API adds
+//! them freely.
 //!
 //! The end markers are `response.completed` (a natural end) and `response.incomplete`, whose
 //! `incomplete_details.reason` is `max_output_tokens` (cut off at the cap) or `content_filter`
@@ -17,7 +23,8 @@ use serde_json::{json, Value};
 use super::{
     http::{self, Decoder, KeyHeader},
     sse::SseEvent,
-    CallRequest, Chunk, ChunkStream, ProviderError, StopReason,
+    CallRequest, Chunk, ChunkStream, OutputFormat, ProviderError, Role, StopReason, ToolChoice,
+    Turn, Usage,
 };
 use crate::config::ModelConfig;
 
@@ -34,12 +41,30 @@ pub async fn stream(
 
 /// The upstream request.
 fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
-    let messages = request.as_messages();
-    let (system, rest): (Vec<_>, Vec<_>) = messages.iter().partition(|m| m.role == "system");
-    let input: Vec<Value> = rest
-        .iter()
-        .map(|m| json!({"type": "message", "role": m.role, "content": m.content}))
-        .collect();
+    let mut instructions: Vec<&str> = Vec::new();
+    let mut input: Vec<Value> = Vec::with_capacity(request.turns.len());
+    for turn in &request.turns {
+        match turn {
+            Turn::Message {
+                role: Role::System,
+                text,
+            } => instructions.push(text),
+            Turn::Message { role, text } => {
+                input.push(json!({"type": "message", "role": role.as_str(), "content": text}));
+            }
+            Turn::FunctionCall {
+                call_id,
+                name,
+                arguments,
+            } => input.push(
+                json!({"type": "function_call", "call_id": call_id, "name": name,
+                                   "arguments": arguments}),
+            ),
+            Turn::FunctionOutput { call_id, output } => input.push(
+                json!({"type": "function_call_output", "call_id": call_id, "output": output}),
+            ),
+        }
+    }
     let mut body = json!({
         "model": model.upstream_model(),
         "input": input,
@@ -47,8 +72,7 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
         "store": false,
         "max_output_tokens": request.max_output_tokens,
     });
-    if !system.is_empty() {
-        let instructions: Vec<&str> = system.iter().map(|m| m.content.as_str()).collect();
+    if !instructions.is_empty() {
         body["instructions"] = json!(instructions.join("\n\n"));
     }
     if let Some(t) = request.temperature {
@@ -56,6 +80,68 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
     }
     if let Some(p) = request.top_p {
         body["top_p"] = json!(p);
+    }
+    if !request.tools.is_empty() {
+        let tools: Vec<Value> = request
+            .tools
+            .iter()
+            .map(|tool| {
+                let mut value = json!({"type": "function", "name": tool.name});
+                if let Some(d) = &tool.description {
+                    value["description"] = json!(d);
+                }
+                if let Some(p) = &tool.parameters {
+                    value["parameters"] = p.clone();
+                }
+                if let Some(strict) = tool.strict {
+                    value["strict"] = json!(strict);
+                }
+                value
+            })
+            .collect();
+        body["tools"] = json!(tools);
+    }
+    if let Some(choice) = &request.tool_choice {
+        body["tool_choice"] = match choice {
+            ToolChoice::Auto => json!("auto"),
+            ToolChoice::None => json!("none"),
+            ToolChoice::Required => json!("required"),
+            ToolChoice::Function(name) => json!({"type": "function", "name": name}),
+        };
+    }
+    if let Some(parallel) = request.parallel_tool_calls {
+        body["parallel_tool_calls"] = json!(parallel);
+    }
+    match &request.format {
+        None => {}
+        Some(OutputFormat::JsonObject) => body["text"] = json!({"format": {"type": "json_object"}}),
+        Some(OutputFormat::JsonSchema {
+            name,
+            description,
+            schema,
+            strict,
+        }) => {
+            let mut format = json!({"type": "json_schema", "name": name, "schema": schema});
+            if let Some(d) = description {
+                format["description"] = json!(d);
+            }
+            if let Some(strict) = strict {
+                format["strict"] = json!(strict);
+            }
+            body["text"] = json!({"format": format});
+        }
+    }
+    if let Some(effort) = &request.reasoning_effort {
+        body["reasoning"] = json!({"effort": effort});
+    }
+    if let Some(user) = &request.end_user {
+        body["user"] = json!(user);
+    }
+    if let Some(key) = &request.prompt_cache_key {
+        body["prompt_cache_key"] = json!(key);
+    }
+    if let Some(tier) = &request.service_tier {
+        body["service_tier"] = json!(tier);
     }
     body
 }
@@ -85,6 +171,33 @@ impl Decoder for ResponsesDecoder {
                 .and_then(Value::as_str)
                 .filter(|d| !d.is_empty())
                 .map(|d| vec![Chunk::Delta(d.to_string())])
+                .unwrap_or_default()),
+            "response.output_item.added" => {
+                let item = value.get("item").unwrap_or(&Value::Null);
+                if item.get("type").and_then(Value::as_str) != Some("function_call") {
+                    return Ok(Vec::new());
+                }
+                let field = |name: &str| {
+                    item.get(name)
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let mut out = vec![Chunk::ToolCall {
+                    call_id: field("call_id"),
+                    name: field("name"),
+                }];
+                let arguments = field("arguments");
+                if !arguments.is_empty() {
+                    out.push(Chunk::Arguments(arguments));
+                }
+                Ok(out)
+            }
+            "response.function_call_arguments.delta" => Ok(value
+                .get("delta")
+                .and_then(Value::as_str)
+                .filter(|d| !d.is_empty())
+                .map(|d| vec![Chunk::Arguments(d.to_string())])
                 .unwrap_or_default()),
             "response.completed" => Ok(finish(&value, StopReason::Completed)),
             "response.incomplete" => {
@@ -121,10 +234,11 @@ impl Decoder for ResponsesDecoder {
 fn finish(value: &Value, stop: StopReason) -> Vec<Chunk> {
     let mut out = Vec::new();
     if let Some(usage) = value.pointer("/response/usage").filter(|u| u.is_object()) {
-        out.push(Chunk::Usage(crate::provider::Usage {
+        let details = usage.get("output_tokens_details").unwrap_or(&Value::Null);
+        out.push(Chunk::Usage(Usage {
             input_tokens: http::count(usage, "input_tokens"),
             output_tokens: http::count(usage, "output_tokens"),
-            reasoning_tokens: 0,
+            reasoning_tokens: http::count(details, "reasoning_tokens"),
         }));
     }
     out.push(Chunk::End(stop));
@@ -159,8 +273,15 @@ mod tests {
     use super::*;
     use crate::provider::{
         http::testing::{self, text},
-        ChatMessage,
+        FunctionTool,
     };
+
+    fn say(role: Role, text: &str) -> Turn {
+        Turn::Message {
+            role,
+            text: text.into(),
+        }
+    }
 
     fn decode_all(text: &str) -> Vec<Result<Chunk, ProviderError>> {
         testing::decode_all(ResponsesDecoder, text)
@@ -183,7 +304,7 @@ mod tests {
         assert_eq!(
             chunks[chunks.len() - 2..],
             [
-                Chunk::Usage(crate::provider::Usage {
+                Chunk::Usage(Usage {
                     input_tokens: 37,
                     output_tokens: 11,
                     reasoning_tokens: 0
@@ -201,7 +322,7 @@ mod tests {
         assert_eq!(
             chunks[chunks.len() - 2..],
             [
-                Chunk::Usage(crate::provider::Usage {
+                Chunk::Usage(Usage {
                     input_tokens: 29,
                     output_tokens: 8,
                     reasoning_tokens: 0
@@ -314,16 +435,17 @@ mod tests {
     #[test]
     fn the_request_body() {
         let request = CallRequest {
-            messages: vec![
-                ChatMessage::new("system", "Be terse."),
-                ChatMessage::new("user", "hi"),
-                ChatMessage::new("system", "Answer in French."),
-                ChatMessage::new("assistant", "salut"),
-                ChatMessage::new("user", "again"),
-            ],
-            max_output_tokens: 321,
             temperature: Some(0.5),
-            top_p: None,
+            ..CallRequest::plain(
+                vec![
+                    say(Role::System, "Be terse."),
+                    say(Role::User, "hi"),
+                    say(Role::System, "Answer in French."),
+                    say(Role::Assistant, "salut"),
+                    say(Role::User, "again"),
+                ],
+                321,
+            )
         };
         let mut model = ModelConfig::mock("alias");
         model.upstream_model = Some("gpt-4.1-mini".into());
@@ -345,10 +467,8 @@ mod tests {
             })
         );
         let request = CallRequest {
-            messages: vec![ChatMessage::new("user", "hi")],
-            max_output_tokens: 16,
-            temperature: None,
             top_p: Some(0.9),
+            ..CallRequest::plain(vec![say(Role::User, "hi")], 16)
         };
         let body = request_body(&ModelConfig::mock("m"), &request);
         assert!(body.get("instructions").is_none());
@@ -358,5 +478,88 @@ mod tests {
             (&json!(16), &json!(0.9))
         );
         assert_eq!(body["model"], "m");
+    }
+
+    #[test]
+    fn tools_calls_formats_and_reasoning_pass_through() {
+        let request = CallRequest {
+            tools: vec![FunctionTool {
+                name: "get_weather".into(),
+                description: None,
+                parameters: Some(json!({"type": "object"})),
+                strict: Some(false),
+            }],
+            tool_choice: Some(ToolChoice::Function("get_weather".into())),
+            parallel_tool_calls: Some(false),
+            format: Some(OutputFormat::JsonObject),
+            reasoning_effort: Some("low".into()),
+            prompt_cache_key: Some("k".into()),
+            ..CallRequest::plain(
+                vec![
+                    say(Role::User, "weather?"),
+                    Turn::FunctionCall {
+                        call_id: "call_1".into(),
+                        name: "get_weather".into(),
+                        arguments: "{}".into(),
+                    },
+                    Turn::FunctionOutput {
+                        call_id: "call_1".into(),
+                        output: "18 C".into(),
+                    },
+                ],
+                100,
+            )
+        };
+        let body = request_body(&ModelConfig::mock("m"), &request);
+        assert_eq!(
+            body["input"],
+            json!([
+                {"type": "message", "role": "user", "content": "weather?"},
+                {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+                 "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_1", "output": "18 C"},
+            ])
+        );
+        assert_eq!(
+            body["tools"],
+            json!([{"type": "function", "name": "get_weather",
+                    "parameters": {"type": "object"}, "strict": false}])
+        );
+        assert_eq!(
+            body["tool_choice"],
+            json!({"type": "function", "name": "get_weather"})
+        );
+        assert_eq!(body["parallel_tool_calls"], false);
+        assert_eq!(body["text"], json!({"format": {"type": "json_object"}}));
+        assert_eq!(body["reasoning"], json!({"effort": "low"}));
+        assert_eq!(body["prompt_cache_key"], "k");
+    }
+
+    #[test]
+    fn a_recorded_function_call_stream_gives_the_call_and_reasoning_usage() {
+        let chunks = ok(decode_all(include_str!(
+            "../../tests/fixtures/openai_responses/function_call.sse"
+        )));
+        assert!(matches!(&chunks[0], Chunk::ToolCall { call_id, name }
+            if call_id.starts_with("call_") && name == "get_weather"));
+        let arguments: String = chunks
+            .iter()
+            .filter_map(|c| match c {
+                Chunk::Arguments(a) => Some(a.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(arguments, "{\"city\":\"Paris\"}");
+        assert_eq!(
+            chunks[chunks.len() - 2..],
+            [
+                Chunk::Usage(Usage {
+                    input_tokens: 75,
+                    output_tokens: 146,
+                    reasoning_tokens: 128,
+                }),
+                Chunk::End(StopReason::Completed)
+            ]
+        );
     }
 }
