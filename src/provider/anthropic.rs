@@ -341,17 +341,10 @@ impl Decoder for AnthropicDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::{
-        http::testing::{self, text},
-        FunctionTool,
+    use crate::provider::http::testing::{
+        self, arguments, say, text, weather_conversation, weather_tool,
     };
-
-    fn say(role: Role, text: &str) -> Turn {
-        Turn::Message {
-            role,
-            text: text.into(),
-        }
-    }
+    use crate::provider::FunctionTool;
 
     fn decode_all(text: &str) -> Vec<Result<Chunk, ProviderError>> {
         testing::decode_all(AnthropicDecoder::default(), text)
@@ -592,31 +585,14 @@ mod tests {
     fn tools_calls_and_results_become_blocks() {
         let request = CallRequest {
             tools: vec![FunctionTool {
-                name: "get_weather".into(),
-                description: Some("Weather now".into()),
                 parameters: None,
                 strict: None,
+                ..weather_tool()
             }],
             tool_choice: Some(ToolChoice::Required),
             parallel_tool_calls: Some(false),
             end_user: Some("u-1".into()),
-            ..CallRequest::plain(
-                vec![
-                    say(Role::User, "weather?"),
-                    say(Role::Assistant, "Checking."),
-                    Turn::FunctionCall {
-                        call_id: "toolu_1".into(),
-                        name: "get_weather".into(),
-                        arguments: "{\"city\":\"Paris\"}".into(),
-                    },
-                    Turn::FunctionOutput {
-                        call_id: "toolu_1".into(),
-                        output: "18 C".into(),
-                    },
-                    say(Role::User, "thanks"),
-                ],
-                100,
-            )
+            ..CallRequest::plain(weather_conversation(), 100)
         };
         let body = request_body(&ModelConfig::mock("claude"), &request).unwrap();
         assert_eq!(
@@ -625,10 +601,10 @@ mod tests {
                 {"role": "user", "content": "weather?"},
                 {"role": "assistant", "content": [
                     {"type": "text", "text": "Checking."},
-                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                    {"type": "tool_use", "id": "call_1", "name": "get_weather",
                      "input": {"city": "Paris"}}]},
                 {"role": "user", "content": [
-                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "18 C"},
+                    {"type": "tool_result", "tool_use_id": "call_1", "content": "18 C"},
                     {"type": "text", "text": "thanks"}]},
             ])
         );
@@ -671,14 +647,7 @@ mod tests {
             })
             .expect("a tool call");
         assert!(matches!(&chunks[call - 1], Chunk::Delta(_)));
-        let arguments: String = chunks[call..]
-            .iter()
-            .filter_map(|c| match c {
-                Chunk::Arguments(a) => Some(a.as_str()),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(arguments, "{\"city\": \"Paris\"}");
+        assert_eq!(arguments(&chunks[call..]), "{\"city\": \"Paris\"}");
         assert_eq!(chunks.last(), Some(&Chunk::End(StopReason::Completed)));
         // A call without input has `{}` as its arguments.
         let empty = concat!(

@@ -213,6 +213,7 @@ pub fn count(usage: &Value, field: &str) -> u32 {
 #[cfg(test)]
 pub mod testing {
     use super::*;
+    use crate::provider::{FunctionTool, Role, Turn};
 
     /// Decodes every event of `text` with `decoder`, errors included, as the stream would yield
     /// them (without stopping at the first end marker or error, so a test sees everything).
@@ -225,6 +226,52 @@ pub mod testing {
             }
         }
         out
+    }
+
+    /// The arguments text of decoded chunks.
+    pub fn arguments(chunks: &[Chunk]) -> String {
+        chunks
+            .iter()
+            .filter_map(|c| match c {
+                Chunk::Arguments(a) => Some(a.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn say(role: Role, text: &str) -> Turn {
+        Turn::Message {
+            role,
+            text: text.into(),
+        }
+    }
+
+    /// The function the providers' tests offer.
+    pub fn weather_tool() -> FunctionTool {
+        FunctionTool {
+            name: "get_weather".into(),
+            description: Some("Weather now".into()),
+            parameters: Some(serde_json::json!({"type": "object"})),
+            strict: Some(true),
+        }
+    }
+
+    /// A conversation with a function call and its output, as the providers' tests send it.
+    pub fn weather_conversation() -> Vec<Turn> {
+        vec![
+            say(Role::User, "weather?"),
+            say(Role::Assistant, "Checking."),
+            Turn::FunctionCall {
+                call_id: "call_1".into(),
+                name: "get_weather".into(),
+                arguments: "{\"city\":\"Paris\"}".into(),
+            },
+            Turn::FunctionOutput {
+                call_id: "call_1".into(),
+                output: "18 C".into(),
+            },
+            say(Role::User, "thanks"),
+        ]
     }
 
     /// The answer text of decoded chunks.

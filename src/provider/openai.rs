@@ -263,15 +263,12 @@ impl Decoder for ChatDecoder {
 mod tests {
     use super::*;
     use crate::provider::{
-        http::testing::{self, text},
-        FunctionTool, Role,
+        http::testing::{self, arguments, say, text, weather_conversation, weather_tool},
+        Role,
     };
 
     fn user(text: &str) -> Turn {
-        Turn::Message {
-            role: Role::User,
-            text: text.into(),
-        }
+        say(Role::User, text)
     }
 
     fn decode_all(text: &str) -> Vec<Result<Chunk, ProviderError>> {
@@ -327,12 +324,7 @@ mod tests {
     #[test]
     fn tools_calls_formats_and_reasoning_are_sent_in_chat_names() {
         let request = CallRequest {
-            tools: vec![FunctionTool {
-                name: "get_weather".into(),
-                description: Some("Weather now".into()),
-                parameters: Some(json!({"type": "object"})),
-                strict: Some(true),
-            }],
+            tools: vec![weather_tool()],
             tool_choice: Some(ToolChoice::Function("get_weather".into())),
             parallel_tool_calls: Some(false),
             format: Some(OutputFormat::JsonSchema {
@@ -343,25 +335,7 @@ mod tests {
             }),
             reasoning_effort: Some("high".into()),
             end_user: Some("u-1".into()),
-            ..CallRequest::plain(
-                vec![
-                    user("weather?"),
-                    Turn::Message {
-                        role: Role::Assistant,
-                        text: "Checking.".into(),
-                    },
-                    Turn::FunctionCall {
-                        call_id: "call_1".into(),
-                        name: "get_weather".into(),
-                        arguments: "{\"city\":\"Paris\"}".into(),
-                    },
-                    Turn::FunctionOutput {
-                        call_id: "call_1".into(),
-                        output: "18 C".into(),
-                    },
-                ],
-                100,
-            )
+            ..CallRequest::plain(weather_conversation(), 100)
         };
         let body = request_body(&ModelConfig::mock("m"), &request);
         assert_eq!(
@@ -372,6 +346,7 @@ mod tests {
                     {"id": "call_1", "type": "function",
                      "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+                {"role": "user", "content": "thanks"},
             ])
         );
         assert_eq!(
@@ -409,14 +384,7 @@ mod tests {
         let chunks: Vec<Chunk> = chunks.into_iter().map(Result::unwrap).collect();
         assert!(matches!(&chunks[0], Chunk::ToolCall { call_id, name }
             if call_id.starts_with("call_") && name == "get_weather"));
-        let arguments: String = chunks
-            .iter()
-            .filter_map(|c| match c {
-                Chunk::Arguments(a) => Some(a.as_str()),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(arguments, "{\"city\":\"Paris\"}");
+        assert_eq!(arguments(&chunks), "{\"city\":\"Paris\"}");
         assert!(chunks
             .iter()
             .any(|c| matches!(c, Chunk::Usage(u) if u.reasoning_tokens == 64)));

@@ -271,17 +271,9 @@ fn upstream_error(error: &Value, fallback: &str) -> ProviderError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::{
-        http::testing::{self, text},
-        FunctionTool,
+    use crate::provider::http::testing::{
+        self, arguments, say, text, weather_conversation, weather_tool,
     };
-
-    fn say(role: Role, text: &str) -> Turn {
-        Turn::Message {
-            role,
-            text: text.into(),
-        }
-    }
 
     fn decode_all(text: &str) -> Vec<Result<Chunk, ProviderError>> {
         testing::decode_all(ResponsesDecoder, text)
@@ -483,47 +475,30 @@ mod tests {
     #[test]
     fn tools_calls_formats_and_reasoning_pass_through() {
         let request = CallRequest {
-            tools: vec![FunctionTool {
-                name: "get_weather".into(),
-                description: None,
-                parameters: Some(json!({"type": "object"})),
-                strict: Some(false),
-            }],
+            tools: vec![weather_tool()],
             tool_choice: Some(ToolChoice::Function("get_weather".into())),
             parallel_tool_calls: Some(false),
             format: Some(OutputFormat::JsonObject),
             reasoning_effort: Some("low".into()),
             prompt_cache_key: Some("k".into()),
-            ..CallRequest::plain(
-                vec![
-                    say(Role::User, "weather?"),
-                    Turn::FunctionCall {
-                        call_id: "call_1".into(),
-                        name: "get_weather".into(),
-                        arguments: "{}".into(),
-                    },
-                    Turn::FunctionOutput {
-                        call_id: "call_1".into(),
-                        output: "18 C".into(),
-                    },
-                ],
-                100,
-            )
+            ..CallRequest::plain(weather_conversation(), 100)
         };
         let body = request_body(&ModelConfig::mock("m"), &request);
         assert_eq!(
             body["input"],
             json!([
                 {"type": "message", "role": "user", "content": "weather?"},
+                {"type": "message", "role": "assistant", "content": "Checking."},
                 {"type": "function_call", "call_id": "call_1", "name": "get_weather",
-                 "arguments": "{}"},
+                 "arguments": "{\"city\":\"Paris\"}"},
                 {"type": "function_call_output", "call_id": "call_1", "output": "18 C"},
+                {"type": "message", "role": "user", "content": "thanks"},
             ])
         );
         assert_eq!(
             body["tools"],
-            json!([{"type": "function", "name": "get_weather",
-                    "parameters": {"type": "object"}, "strict": false}])
+            json!([{"type": "function", "name": "get_weather", "description": "Weather now",
+                    "parameters": {"type": "object"}, "strict": true}])
         );
         assert_eq!(
             body["tool_choice"],
@@ -542,14 +517,7 @@ mod tests {
         )));
         assert!(matches!(&chunks[0], Chunk::ToolCall { call_id, name }
             if call_id.starts_with("call_") && name == "get_weather"));
-        let arguments: String = chunks
-            .iter()
-            .filter_map(|c| match c {
-                Chunk::Arguments(a) => Some(a.as_str()),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(arguments, "{\"city\":\"Paris\"}");
+        assert_eq!(arguments(&chunks), "{\"city\":\"Paris\"}");
         assert_eq!(
             chunks[chunks.len() - 2..],
             [
