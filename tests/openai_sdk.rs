@@ -5,13 +5,10 @@
 
 mod common;
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{fs, path::Path};
 
 use common::{
+    sdk::{project, python_with_sdk, run_python},
     upstream::{fixture, FakeUpstream, Script},
     TestEnv,
 };
@@ -20,63 +17,6 @@ use tollgate::{
     config::{ModelConfig, ProviderKind},
     store::keys::NewKey,
 };
-
-fn project() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn run(command: &mut Command) {
-    let status = command
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
-    assert!(status.success(), "{command:?} failed: {status}");
-}
-
-/// The virtualenv's python, with the pinned requirements installed. A lock file serialises
-/// concurrent test runs; a copy of the requirements inside the venv marks a finished install.
-fn python_with_sdk() -> PathBuf {
-    let project = project();
-    let venv = project.join(".venv");
-    let python = venv.join("bin/python");
-    let requirements = project.join("tests/sdk/requirements.txt");
-    let wanted = fs::read_to_string(&requirements).expect("tests/sdk/requirements.txt");
-    let marker = venv.join("tollgate-requirements.txt");
-    let lock = fs::File::create(Path::new(env!("CARGO_TARGET_TMPDIR")).join("venv.lock"))
-        .expect("lock file");
-    lock.lock().expect("lock the venv");
-    if fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) && python.exists() {
-        return python;
-    }
-    let python3 = which("python3").unwrap_or_else(|| {
-        panic!(
-            "python3 is needed for the OpenAI SDK test: install it (Debian: apt-get install \
-             python3 python3-venv)"
-        )
-    });
-    if !python.exists() {
-        run(Command::new(python3).args(["-m", "venv"]).arg(&venv));
-    }
-    run(Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            "-r",
-        ])
-        .arg(&requirements));
-    fs::write(&marker, wanted).expect("write the venv marker");
-    python
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(program))
-            .find(|p| Path::new(p).is_file())
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_python_sdk_works_unchanged() {
@@ -109,30 +49,6 @@ async fn the_official_python_sdk_works_unchanged() {
     )
     .await;
     assert!(stdout.contains("all checks passed"), "{stdout}");
-}
-
-/// Runs a Python script with these environment variables (and no OpenAI ones of the caller's),
-/// asserts it succeeded, and returns its standard output.
-async fn run_python(python: &Path, script: &Path, vars: &[(&str, &str)]) -> String {
-    let output = tokio::process::Command::new(python)
-        .arg(script)
-        .envs(vars.iter().copied())
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("OPENAI_BASE_URL")
-        .output()
-        .await
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    println!("{stdout}");
-    eprintln!("{stderr}");
-    assert!(
-        output.status.success(),
-        "{} failed ({}):\n{stdout}\n{stderr}",
-        script.display(),
-        output.status
-    );
-    stdout
 }
 
 /// The Python block of the README's "With the OpenAI SDK" section, aimed at `base_url` with `key`.

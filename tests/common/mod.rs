@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod sdk;
 pub mod upstream;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
