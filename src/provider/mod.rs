@@ -100,6 +100,24 @@ pub struct FunctionTool {
     pub strict: Option<bool>,
 }
 
+impl FunctionTool {
+    /// The tool as OpenAI's APIs define a function: `name`, and `description`, `parameters` and
+    /// `strict` when given. (Chat nests it under `function`; Responses has it flat.)
+    pub fn openai_definition(&self) -> serde_json::Value {
+        let mut function = serde_json::json!({"name": self.name});
+        if let Some(d) = &self.description {
+            function["description"] = d.as_str().into();
+        }
+        if let Some(p) = &self.parameters {
+            function["parameters"] = p.clone();
+        }
+        if let Some(strict) = self.strict {
+            function["strict"] = strict.into();
+        }
+        function
+    }
+}
+
 /// `tool_choice`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ToolChoice {
@@ -120,6 +138,33 @@ pub enum OutputFormat {
         schema: serde_json::Value,
         strict: Option<bool>,
     },
+}
+
+impl OutputFormat {
+    /// The format as OpenAI's APIs define it: `{"type": "json_object"}`, or a JSON schema with
+    /// `name`, `schema`, and `description` and `strict` when given. (Chat nests the schema's fields
+    /// under `json_schema`; Responses has them flat.)
+    pub fn openai_definition(&self) -> serde_json::Value {
+        match self {
+            OutputFormat::JsonObject => serde_json::json!({"type": "json_object"}),
+            OutputFormat::JsonSchema {
+                name,
+                description,
+                schema,
+                strict,
+            } => {
+                let mut format =
+                    serde_json::json!({"type": "json_schema", "name": name, "schema": schema});
+                if let Some(d) = description {
+                    format["description"] = d.as_str().into();
+                }
+                if let Some(strict) = strict {
+                    format["strict"] = (*strict).into();
+                }
+                format
+            }
+        }
+    }
 }
 
 /// What a provider is asked to generate: everything of the client's request that reaches the

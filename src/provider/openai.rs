@@ -105,19 +105,7 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
         let tools: Vec<Value> = request
             .tools
             .iter()
-            .map(|tool| {
-                let mut function = json!({"name": tool.name});
-                if let Some(d) = &tool.description {
-                    function["description"] = json!(d);
-                }
-                if let Some(p) = &tool.parameters {
-                    function["parameters"] = p.clone();
-                }
-                if let Some(strict) = tool.strict {
-                    function["strict"] = json!(strict);
-                }
-                json!({"type": "function", "function": function})
-            })
+            .map(|tool| json!({"type": "function", "function": tool.openai_definition()}))
             .collect();
         body["tools"] = json!(tools);
         if let Some(parallel) = request.parallel_tool_calls {
@@ -132,24 +120,18 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
             ToolChoice::Function(name) => json!({"type": "function", "function": {"name": name}}),
         };
     }
-    match &request.format {
-        None => {}
-        Some(OutputFormat::JsonObject) => body["response_format"] = json!({"type": "json_object"}),
-        Some(OutputFormat::JsonSchema {
-            name,
-            description,
-            schema,
-            strict,
-        }) => {
-            let mut json_schema = json!({"name": name, "schema": schema});
-            if let Some(d) = description {
-                json_schema["description"] = json!(d);
+    if let Some(format) = &request.format {
+        // Chat nests a schema's fields under `json_schema`.
+        let mut definition = format.openai_definition();
+        body["response_format"] = match format {
+            OutputFormat::JsonObject => definition,
+            OutputFormat::JsonSchema { .. } => {
+                if let Some(fields) = definition.as_object_mut() {
+                    fields.remove("type");
+                }
+                json!({"type": "json_schema", "json_schema": definition})
             }
-            if let Some(strict) = strict {
-                json_schema["strict"] = json!(strict);
-            }
-            body["response_format"] = json!({"type": "json_schema", "json_schema": json_schema});
-        }
+        };
     }
     if let Some(effort) = &request.reasoning_effort {
         body["reasoning_effort"] = json!(effort);

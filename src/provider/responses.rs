@@ -23,8 +23,7 @@ use serde_json::{json, Value};
 use super::{
     http::{self, Decoder, KeyHeader},
     sse::SseEvent,
-    CallRequest, Chunk, ChunkStream, OutputFormat, ProviderError, Role, StopReason, ToolChoice,
-    Turn, Usage,
+    CallRequest, Chunk, ChunkStream, ProviderError, Role, StopReason, ToolChoice, Turn, Usage,
 };
 use crate::config::ModelConfig;
 
@@ -86,17 +85,9 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
             .tools
             .iter()
             .map(|tool| {
-                let mut value = json!({"type": "function", "name": tool.name});
-                if let Some(d) = &tool.description {
-                    value["description"] = json!(d);
-                }
-                if let Some(p) = &tool.parameters {
-                    value["parameters"] = p.clone();
-                }
-                if let Some(strict) = tool.strict {
-                    value["strict"] = json!(strict);
-                }
-                value
+                let mut definition = tool.openai_definition();
+                definition["type"] = json!("function");
+                definition
             })
             .collect();
         body["tools"] = json!(tools);
@@ -112,24 +103,8 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
     if let Some(parallel) = request.parallel_tool_calls {
         body["parallel_tool_calls"] = json!(parallel);
     }
-    match &request.format {
-        None => {}
-        Some(OutputFormat::JsonObject) => body["text"] = json!({"format": {"type": "json_object"}}),
-        Some(OutputFormat::JsonSchema {
-            name,
-            description,
-            schema,
-            strict,
-        }) => {
-            let mut format = json!({"type": "json_schema", "name": name, "schema": schema});
-            if let Some(d) = description {
-                format["description"] = json!(d);
-            }
-            if let Some(strict) = strict {
-                format["strict"] = json!(strict);
-            }
-            body["text"] = json!({"format": format});
-        }
+    if let Some(format) = &request.format {
+        body["text"] = json!({"format": format.openai_definition()});
     }
     if let Some(effort) = &request.reasoning_effort {
         body["reasoning"] = json!({"effort": effort});
@@ -271,8 +246,9 @@ fn upstream_error(error: &Value, fallback: &str) -> ProviderError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::http::testing::{
-        self, arguments, say, text, weather_conversation, weather_tool,
+    use crate::provider::{
+        http::testing::{self, arguments, say, text, weather_conversation, weather_tool},
+        OutputFormat,
     };
 
     fn decode_all(text: &str) -> Vec<Result<Chunk, ProviderError>> {
