@@ -97,8 +97,10 @@ async fn budgeted_key(env: &TestEnv, budget: i64) -> String {
 
 /// Deltas the job's latest attempt has written.
 async fn deltas_written(env: &TestEnv, id: &str) -> i32 {
+    // Text pieces (`t`) of the latest attempt.
     sqlx::query_scalar(
-        "SELECT coalesce(max(e.seq_last) + 1, 0) FROM tollgate.job_events e
+        "SELECT coalesce(sum(length(e.kinds) - length(replace(e.kinds, 't', ''))), 0)::integer
+           FROM tollgate.job_events e
            JOIN tollgate.jobs j ON j.id = e.job_id AND j.attempt = e.attempt
           WHERE e.job_id = $1",
     )
