@@ -69,6 +69,8 @@ const QUESTION: &str = "What is the weather in Paris?";
 /// The arguments of the scripted `get_weather` call, as streamed.
 const ARGUMENTS: &[&str] = &["{\"ci", "ty\":\"Pa", "ris\"}"];
 const TOOL_RESULT: &str = "{\"temp_c\": 18}";
+/// What the model says before its call, when it is not forced to call.
+const PREAMBLE: &[&str] = &["Let me check", " the weather."];
 /// The answer once the function's result is in.
 const FINAL_TEXT: &[&str] = &["It is 18 °C", " in Paris", " right now."];
 /// The structured answer, as streamed: it forms [`weather`].
@@ -112,7 +114,9 @@ fn weather() -> Value {
 fn expected() -> Value {
     json!({
         "question": QUESTION,
+        "parameters": parameters(),
         "tool_result": TOOL_RESULT,
+        "preamble": PREAMBLE.concat(),
         "final_text": FINAL_TEXT.concat(),
         "weather_schema": weather_schema(),
         "weather": weather(),
@@ -652,11 +656,7 @@ async fn function_calls_round_trip_through_every_provider() {
             // Forced to call the function.
             answer(&provider, std::slice::from_ref(&call), SMALL),
             // Streamed: a word first, then the call.
-            answer(
-                &provider,
-                &[Said::Text(&["Let me check", " the weather."]), call],
-                SMALL,
-            ),
+            answer(&provider, &[Said::Text(PREAMBLE), call], SMALL),
             // With the function's result.
             answer(&provider, &[Said::Text(FINAL_TEXT)], SMALL),
         ];
@@ -739,7 +739,7 @@ async fn structured_outputs_reach_the_upstream_as_its_schema() {
         ("resp", ProviderKind::OpenaiResponses),
     ] {
         let json_answer = answer(&provider, &[Said::Text(WEATHER_JSON)], SMALL);
-        let answers = vec![json_answer.clone(), json_answer];
+        let answers = vec![json_answer; 3];
         models.push(Upstreamed::start(format!("{prefix}-json"), provider, answers).await);
     }
     let claude = Upstreamed::start(
@@ -761,13 +761,13 @@ async fn structured_outputs_reach_the_upstream_as_its_schema() {
 
     for m in &models {
         let name = &m.name;
-        let bodies = m.bodies(2);
+        let bodies = m.bodies(3);
         let stored = stored_requests(&env, name).await;
-        assert_eq!(stored.len(), 2, "{name}");
+        assert_eq!(stored.len(), 3, "{name}");
         // The first with the schema as the client wrote it, the second with the SDK's schema of
         // the pydantic model: each reaches the upstream as sent.
         assert_eq!(stored[0]["text"]["format"]["schema"], weather_schema());
-        for (body, request) in bodies.iter().zip(&stored) {
+        for (body, request) in bodies.iter().zip(&stored).take(2) {
             let asked = &request["text"]["format"];
             let format = match m.provider {
                 ProviderKind::Openai => {
@@ -789,6 +789,13 @@ async fn structured_outputs_reach_the_upstream_as_its_schema() {
             assert_eq!(format["schema"], asked["schema"], "{name}: {body}");
             assert_eq!(format["strict"], true, "{name}: {body}");
         }
+        // The third in JSON mode.
+        let body = &bodies[2];
+        let format = match m.provider {
+            ProviderKind::Openai => &body["response_format"],
+            _ => &body["text"]["format"],
+        };
+        assert_eq!(format, &json!({"type": "json_object"}), "{name}: {body}");
     }
     assert_eq!(claude.up.calls(), 0);
     assert!(stored_requests(&env, "claude-json").await.is_empty());
@@ -955,6 +962,7 @@ async fn refused_requests_write_nothing() {
         .map(|m| ("refusals", m.name.as_str()))
         .collect();
     scenarios.push(("structured_output_refused", "claude-refuse"));
+    scenarios.push(("reasoning_refused", "claude-refuse"));
     run_scenarios(&env, &keys, &scenarios).await;
 
     let after = env.snapshot().await;

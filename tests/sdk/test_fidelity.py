@@ -9,7 +9,7 @@ Run by tests/fidelity.rs, which starts tollgate and the upstreams and passes:
   TOLLGATE_KEY         a key without limits
   TOLLGATE_OTHER_KEY   a second key: the first key's responses do not exist for it
   TOLLGATE_SCENARIOS   `scenario=model` lines, run in order; a scenario is one function below
-  TOLLGATE_EXPECT      JSON: what the upstreams were scripted to answer
+  TOLLGATE_EXPECT      JSON: the questions, the tool and what the upstreams were scripted to answer
 Prints a line per passed scenario and `all fidelity checks passed` at the end; exits non-zero on
 the first failure.
 """
@@ -29,12 +29,7 @@ other = OpenAI(base_url=os.environ["TOLLGATE_BASE_URL"], api_key=os.environ["TOL
 EXPECT = json.loads(os.environ["TOLLGATE_EXPECT"])
 
 QUESTION = EXPECT["question"]
-PARAMETERS = {
-    "type": "object",
-    "properties": {"city": {"type": "string"}},
-    "required": ["city"],
-}
-TOOLS = [{"type": "function", "name": "get_weather", "parameters": PARAMETERS}]
+TOOLS = [{"type": "function", "name": "get_weather", "parameters": EXPECT["parameters"]}]
 TOOL_RESULT = EXPECT["tool_result"]
 WEATHER_FORMAT = {
     "type": "json_schema",
@@ -112,14 +107,18 @@ def function_calling(model):
     assert events[-1].type == "response.completed", (model, events[-1].type)
     check_call(events[-1].response.output, model)
     added = [
-        e for e in events if e.type == "response.output_item.added" and e.item.type == "function_call"
+        e
+        for e in events
+        if e.type == "response.output_item.added" and e.item.type == "function_call"
     ]
     assert len(added) == 1 and added[0].item.name == "get_weather", (model, added)
     index = added[0].output_index
     deltas = [e for e in events if e.type == "response.function_call_arguments.delta"]
     done = [e for e in events if e.type == "response.function_call_arguments.done"]
     assert deltas and len(done) == 1, (model, [e.type for e in events])
+    item_id = added[0].item.id
     assert all(e.output_index == index for e in deltas + done), (model, deltas, done)
+    assert all(e.item_id == item_id for e in deltas + done), (model, item_id, deltas, done)
     assert "".join(e.delta for e in deltas) == done[0].arguments, (model, deltas, done)
     assert json.loads(done[0].arguments) == {"city": "Paris"}, (model, done[0].arguments)
     item_done = [
@@ -129,6 +128,17 @@ def function_calling(model):
         model,
         item_done,
     )
+    assert item_done[0].item.id == item_id and item_done[0].item.status == "completed", (
+        model,
+        item_done[0].item,
+    )
+    # The words before the call are a message of their own; the object retrieved is the one the
+    # stream ended with.
+    completed = events[-1].response
+    assert completed.output_text == EXPECT["preamble"], (model, completed.output_text)
+    assert [i.type for i in completed.output] == ["message", "function_call"], (model, completed)
+    retrieved = client.responses.retrieve(completed.id)
+    assert retrieved.model_dump() == completed.model_dump(), (model, retrieved, completed)
     # Resumed after the first arguments delta: the rest of the same events.
     after = deltas[0].sequence_number
     with client.responses.retrieve(
@@ -143,7 +153,9 @@ def function_calling(model):
     second = finished(
         client.responses.create(
             model=model,
-            input=[{"type": "function_call_output", "call_id": call.call_id, "output": TOOL_RESULT}],
+            input=[
+                {"type": "function_call_output", "call_id": call.call_id, "output": TOOL_RESULT}
+            ],
             previous_response_id=first.id,
             tools=TOOLS,
             background=True,
@@ -186,6 +198,18 @@ def structured_output(model):
     assert parsed.text.format.type == "json_schema", (model, parsed.text.format)
     assert parsed.text.format.name == "Weather", (model, parsed.text.format)
 
+    # JSON mode: any JSON object.
+    done = finished(
+        client.responses.create(
+            model=model,
+            input="The weather in Paris, as a JSON object.",
+            text={"format": {"type": "json_object"}},
+            background=True,
+        )
+    )
+    assert json.loads(done.output_text) == EXPECT["weather"], (model, done.output_text)
+    assert done.text.format.type == "json_object", (model, done.text.format)
+
 
 def structured_output_refused(model):
     """A model whose provider cannot take `text.format` refuses it."""
@@ -198,6 +222,18 @@ def structured_output_refused(model):
                 model=model, input="JSON, please.", text={"format": fmt}, background=True
             ),
         )
+
+
+def reasoning_refused(model):
+    """A model whose provider cannot take `reasoning.effort` refuses it."""
+    refused(
+        openai.BadRequestError,
+        "unsupported_parameter",
+        "reasoning.effort",
+        lambda: client.responses.create(
+            model=model, input="Think hard.", reasoning={"effort": "high"}, background=True
+        ),
+    )
 
 
 def reasoning(model):
@@ -243,6 +279,10 @@ def conversation(model):
     assert [r.output_text for r in (first, second, third)] == answers, model
     assert [r.previous_response_id for r in (first, second, third)] == [None, first.id, second.id]
     assert first.instructions == EXPECT["instructions"], (model, first.instructions)
+    # What was not asked for is echoed with OpenAI's defaults.
+    defaults = (first.tools, first.tool_choice, first.parallel_tool_calls, first.text.format.type,
+                first.reasoning.effort)
+    assert defaults == ([], "auto", True, "text", None), (model, defaults)
     assert third.instructions is None, (model, third.instructions)
     # Only the request's own input is listed, not the history.
     items = client.responses.input_items.list(third.id)
@@ -307,6 +347,7 @@ SCENARIOS = {
         structured_output,
         structured_output_refused,
         reasoning,
+        reasoning_refused,
         conversation,
         refusals,
     )
