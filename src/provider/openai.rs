@@ -111,14 +111,18 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
         if let Some(parallel) = request.parallel_tool_calls {
             body["parallel_tool_calls"] = json!(parallel);
         }
-    }
-    if let Some(choice) = &request.tool_choice {
-        body["tool_choice"] = match choice {
-            ToolChoice::Auto => json!("auto"),
-            ToolChoice::None => json!("none"),
-            ToolChoice::Required => json!("required"),
-            ToolChoice::Function(name) => json!({"type": "function", "function": {"name": name}}),
-        };
+        // Like `parallel_tool_calls`, only with tools: without any, `auto` and `none` change
+        // nothing, and admission refuses the choices that need a tool.
+        if let Some(choice) = &request.tool_choice {
+            body["tool_choice"] = match choice {
+                ToolChoice::Auto => json!("auto"),
+                ToolChoice::None => json!("none"),
+                ToolChoice::Required => json!("required"),
+                ToolChoice::Function(name) => {
+                    json!({"type": "function", "function": {"name": name}})
+                }
+            };
+        }
     }
     if let Some(format) = &request.format {
         // Chat nests a schema's fields under `json_schema`.
