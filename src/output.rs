@@ -89,15 +89,6 @@ impl Piece {
             other => return Err(format!("unknown piece kind {other:?}")),
         })
     }
-
-    /// Text the model generated in this piece (what an estimated charge counts, as the SQL
-    /// function `tollgate.generated_text` does).
-    pub fn generated(&self) -> &str {
-        match self {
-            Piece::Text(text) | Piece::Arguments(text) => text,
-            _ => "",
-        }
-    }
 }
 
 /// An output item.
@@ -198,17 +189,6 @@ impl Output {
             _ => Vec::new(),
         }
     }
-
-    /// The text of every message, in order.
-    pub fn text(&self) -> String {
-        self.items
-            .iter()
-            .filter_map(|i| match &i.item {
-                Item::Message { text } => Some(text.as_str()),
-                Item::FunctionCall { .. } => None,
-            })
-            .collect()
-    }
 }
 
 /// Which item the writer has open.
@@ -287,7 +267,12 @@ mod tests {
         let output = Output::from_pieces(&pieces);
         assert_eq!(output.items.len(), 2);
         assert!(output.items[0].done && !output.items[1].done);
-        assert_eq!(output.text(), "Let me check.");
+        assert_eq!(
+            output.items[0].item,
+            Item::Message {
+                text: "Let me check.".into()
+            }
+        );
         assert_eq!(
             output.items[1].item,
             Item::FunctionCall {

@@ -20,6 +20,7 @@ use serde_json::{json, Map, Value};
 
 use crate::{
     config::{ModelConfig, ProviderKind},
+    output::Item,
     provider::{CallRequest, FunctionTool, OutputFormat, Role, ToolChoice, Turn},
 };
 
@@ -99,45 +100,58 @@ impl InputItem {
 
     /// The item as a Responses API input item (what a job's `history` stores).
     pub fn to_value(&self) -> Value {
-        let mut value = self.to_json("");
-        if let Value::Object(fields) = &mut value {
-            fields.remove("id");
-            fields.remove("status");
-        }
-        value
-    }
-
-    /// The item in the Responses API's shape, with the id and status given.
-    pub fn to_json(&self, id: &str) -> Value {
         match self {
             InputItem::Message { role, parts } => {
-                let part_type = if role == "assistant" {
-                    "output_text"
-                } else {
-                    "input_text"
-                };
                 let content: Vec<Value> = parts
                     .iter()
                     .map(|text| {
-                        if part_type == "output_text" {
-                            json!({"type": part_type, "text": text, "annotations": []})
+                        if role == "assistant" {
+                            json!({"type": "output_text", "text": text, "annotations": []})
                         } else {
-                            json!({"type": part_type, "text": text})
+                            json!({"type": "input_text", "text": text})
                         }
                     })
                     .collect();
-                json!({"type": "message", "id": id, "status": "completed", "role": role,
-                       "content": content})
+                json!({"type": "message", "role": role, "content": content})
             }
             InputItem::FunctionCall {
                 call_id,
                 name,
                 arguments,
-            } => json!({"type": "function_call", "id": id, "status": "completed",
-                        "call_id": call_id, "name": name, "arguments": arguments}),
-            InputItem::FunctionCallOutput { call_id, output } => json!({
-                "type": "function_call_output", "id": id, "status": "completed",
-                "call_id": call_id, "output": output}),
+            } => json!({"type": "function_call", "call_id": call_id, "name": name,
+                        "arguments": arguments}),
+            InputItem::FunctionCallOutput { call_id, output } => {
+                json!({"type": "function_call_output", "call_id": call_id, "output": output})
+            }
+        }
+    }
+
+    /// The item as `input_items` lists it: with its id, and `completed`.
+    pub fn to_json(&self, id: &str) -> Value {
+        let mut value = self.to_value();
+        value["id"] = json!(id);
+        value["status"] = json!("completed");
+        value
+    }
+}
+
+/// An output item of an earlier response, as the next turn's history holds it.
+impl From<Item> for InputItem {
+    fn from(item: Item) -> Self {
+        match item {
+            Item::Message { text } => InputItem::Message {
+                role: "assistant".into(),
+                parts: vec![text],
+            },
+            Item::FunctionCall {
+                call_id,
+                name,
+                arguments,
+            } => InputItem::FunctionCall {
+                call_id,
+                name,
+                arguments,
+            },
         }
     }
 }
@@ -671,19 +685,39 @@ fn parse_format(value: &Value) -> Result<Option<OutputFormat>, InvalidRequest> {
     }
 }
 
-/// The input of a request stored on a job row, read without judging the rest of it (a row
-/// written by an earlier version may hold fields this one refuses).
-pub fn stored_input(request: &Value) -> Result<Vec<InputItem>, InvalidRequest> {
-    match request.get("input") {
+/// `input`: a string (one user message) or a non-empty list of items.
+fn parse_input(input: Option<&Value>) -> Result<Vec<InputItem>, InvalidRequest> {
+    match input.filter(|v| !v.is_null()) {
         Some(Value::String(text)) => Ok(vec![InputItem::Message {
             role: "user".into(),
             parts: vec![text.clone()],
         }]),
+        Some(Value::Array(items)) if items.is_empty() => {
+            Err(InvalidRequest::at("input", "`input` must not be empty."))
+        }
         Some(Value::Array(items)) => parse_items(items, "input"),
-        _ => Err(InvalidRequest::at(
+        Some(_) => Err(InvalidRequest::at(
             "input",
-            "The stored request has no input.",
+            "Invalid type for 'input': expected a string or an array.",
         )),
+        None => Err(InvalidRequest::at(
+            "input",
+            "Missing required parameter: 'input'.",
+        )),
+    }
+}
+
+/// The input of a request stored on a job row, read without judging the rest of it (a row
+/// written by an earlier version may hold fields this one refuses).
+pub fn stored_input(request: &Value) -> Result<Vec<InputItem>, InvalidRequest> {
+    parse_input(request.get("input"))
+}
+
+/// A job row's `history` (absent: none).
+pub fn stored_history(history: Option<&Value>) -> Result<Vec<InputItem>, InvalidRequest> {
+    match history {
+        Some(Value::Array(items)) => parse_items(items, "history"),
+        _ => Ok(Vec::new()),
     }
 }
 
@@ -729,25 +763,7 @@ impl CreateResponse {
         let model = body
             .string("model")?
             .ok_or_else(|| InvalidRequest::at("model", "Missing required parameter: 'model'."))?;
-        let input = match body.get("input") {
-            Some(Value::String(text)) => vec![InputItem::Message {
-                role: "user".into(),
-                parts: vec![text.clone()],
-            }],
-            Some(Value::Array(items)) => {
-                if items.is_empty() {
-                    return Err(InvalidRequest::at("input", "`input` must not be empty."));
-                }
-                parse_items(items, "input")?
-            }
-            Some(_) => return Err(body.wrong_type("input", "a string or an array")),
-            None => {
-                return Err(InvalidRequest::at(
-                    "input",
-                    "Missing required parameter: 'input'.",
-                ))
-            }
-        };
+        let input = parse_input(body.get("input"))?;
         let metadata = match body.get("metadata") {
             None => None,
             Some(value) => {

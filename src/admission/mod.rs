@@ -34,7 +34,6 @@ use crate::{
     ids::{JobId, JobStatus, KeyId},
     metrics,
     money::MicroUsd,
-    output::Item,
     queue::JobMessage,
     request::{self, CreateResponse, InputItem, InvalidRequest},
     store::{jobs, keys},
@@ -236,7 +235,8 @@ async fn history_of(
     if job.request.0.get("store") == Some(&Value::Bool(false)) {
         return Err(previous_refused(
             format!(
-                "Previous response '{shown}' was created with `store: false` and cannot be                  continued; send the conversation in `input` instead."
+                "Previous response '{shown}' was created with `store: false` and cannot be \
+                 continued; send the conversation in `input` instead."
             ),
             "previous_response_not_stored",
         ));
@@ -254,29 +254,11 @@ async fn history_of(
             format!("stored conversation of {id} unreadable: {}", e.message).into(),
         ))
     };
-    let mut items = match &job.history {
-        Some(sqlx::types::Json(Value::Array(history))) => {
-            request::parse_items(history, "history").map_err(unreadable)?
-        }
-        _ => Vec::new(),
-    };
+    let mut items =
+        request::stored_history(job.history.as_ref().map(|h| &h.0)).map_err(unreadable)?;
     items.extend(request::stored_input(&job.request.0).map_err(unreadable)?);
     let output = jobs::output(pool, &job).await?;
-    items.extend(output.items.into_iter().map(|item| match item.item {
-        Item::Message { text } => InputItem::Message {
-            role: "assistant".into(),
-            parts: vec![text],
-        },
-        Item::FunctionCall {
-            call_id,
-            name,
-            arguments,
-        } => InputItem::FunctionCall {
-            call_id,
-            name,
-            arguments,
-        },
-    }));
+    items.extend(output.items.into_iter().map(|i| InputItem::from(i.item)));
     Ok((id, items))
 }
 

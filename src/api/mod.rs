@@ -26,7 +26,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
 pub use object::response_object;
-pub use stream::{events_from, StreamEvent, FIRST_PIECE};
+pub use stream::StreamEvent;
 
 use crate::{admission::Admission, config::Config, queue::Publisher, store::notify::JobWatch};
 

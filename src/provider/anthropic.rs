@@ -131,12 +131,8 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Result<Value, Pro
         body["system"] = json!(system.join("\n\n"));
     }
     // Anthropic's range is 0–1; admission refuses more for this provider.
-    if let Some(t) = request.temperature {
-        body["temperature"] = json!(t);
-    }
-    if let Some(p) = request.top_p {
-        body["top_p"] = json!(p);
-    }
+    http::put(&mut body, "temperature", request.temperature);
+    http::put(&mut body, "top_p", request.top_p);
     if !request.tools.is_empty() {
         let tools: Vec<Value> = request
             .tools

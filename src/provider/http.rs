@@ -200,6 +200,13 @@ pub fn json(event: &SseEvent) -> Result<Value, ProviderError> {
     })
 }
 
+/// Sets `field` of a request body when the request has a value for it.
+pub fn put(body: &mut Value, field: &str, value: Option<impl serde::Serialize>) {
+    if let Some(value) = value {
+        body[field] = serde_json::json!(value);
+    }
+}
+
 /// A count in a usage object (0 when absent).
 pub fn count(usage: &Value, field: &str) -> u32 {
     usage

@@ -95,12 +95,8 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
             body["max_tokens"] = cap;
         }
     }
-    if let Some(t) = request.temperature {
-        body["temperature"] = json!(t);
-    }
-    if let Some(p) = request.top_p {
-        body["top_p"] = json!(p);
-    }
+    http::put(&mut body, "temperature", request.temperature);
+    http::put(&mut body, "top_p", request.top_p);
     if !request.tools.is_empty() {
         let tools: Vec<Value> = request
             .tools
@@ -108,9 +104,11 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
             .map(|tool| json!({"type": "function", "function": tool.openai_definition()}))
             .collect();
         body["tools"] = json!(tools);
-        if let Some(parallel) = request.parallel_tool_calls {
-            body["parallel_tool_calls"] = json!(parallel);
-        }
+        http::put(
+            &mut body,
+            "parallel_tool_calls",
+            request.parallel_tool_calls,
+        );
         // Like `parallel_tool_calls`, only with tools: without any, `auto` and `none` change
         // nothing, and admission refuses the choices that need a tool.
         if let Some(choice) = &request.tool_choice {
@@ -137,18 +135,18 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
             }
         };
     }
-    if let Some(effort) = &request.reasoning_effort {
-        body["reasoning_effort"] = json!(effort);
-    }
-    if let Some(user) = &request.end_user {
-        body["user"] = json!(user);
-    }
-    if let Some(key) = &request.prompt_cache_key {
-        body["prompt_cache_key"] = json!(key);
-    }
-    if let Some(tier) = &request.service_tier {
-        body["service_tier"] = json!(tier);
-    }
+    http::put(
+        &mut body,
+        "reasoning_effort",
+        request.reasoning_effort.as_ref(),
+    );
+    http::put(&mut body, "user", request.end_user.as_ref());
+    http::put(
+        &mut body,
+        "prompt_cache_key",
+        request.prompt_cache_key.as_ref(),
+    );
+    http::put(&mut body, "service_tier", request.service_tier.as_ref());
     body
 }
 

@@ -74,12 +74,8 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
     if !instructions.is_empty() {
         body["instructions"] = json!(instructions.join("\n\n"));
     }
-    if let Some(t) = request.temperature {
-        body["temperature"] = json!(t);
-    }
-    if let Some(p) = request.top_p {
-        body["top_p"] = json!(p);
-    }
+    http::put(&mut body, "temperature", request.temperature);
+    http::put(&mut body, "top_p", request.top_p);
     if !request.tools.is_empty() {
         let tools: Vec<Value> = request
             .tools
@@ -100,24 +96,24 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
             ToolChoice::Function(name) => json!({"type": "function", "name": name}),
         };
     }
-    if let Some(parallel) = request.parallel_tool_calls {
-        body["parallel_tool_calls"] = json!(parallel);
-    }
+    http::put(
+        &mut body,
+        "parallel_tool_calls",
+        request.parallel_tool_calls,
+    );
     if let Some(format) = &request.format {
         body["text"] = json!({"format": format.openai_definition()});
     }
     if let Some(effort) = &request.reasoning_effort {
         body["reasoning"] = json!({"effort": effort});
     }
-    if let Some(user) = &request.end_user {
-        body["user"] = json!(user);
-    }
-    if let Some(key) = &request.prompt_cache_key {
-        body["prompt_cache_key"] = json!(key);
-    }
-    if let Some(tier) = &request.service_tier {
-        body["service_tier"] = json!(tier);
-    }
+    http::put(&mut body, "user", request.end_user.as_ref());
+    http::put(
+        &mut body,
+        "prompt_cache_key",
+        request.prompt_cache_key.as_ref(),
+    );
+    http::put(&mut body, "service_tier", request.service_tier.as_ref());
     body
 }
 

@@ -146,10 +146,7 @@ async fn run_inner(
         return Ok(Disposition::Ack);
     }
     let read = CreateResponse::from_value(&request).and_then(|request| {
-        let history = match history {
-            Some(Json(Value::Array(items))) => request::parse_items(&items, "history")?,
-            _ => Vec::new(),
-        };
+        let history = request::stored_history(history.as_ref().map(|h| &h.0))?;
         Ok((request, history))
     });
     let (request, history): (CreateResponse, Vec<InputItem>) = match read {
