@@ -238,16 +238,9 @@ impl Decoder for AnthropicDecoder {
                 }
                 let index = value.get("index").and_then(Value::as_u64).unwrap_or(0);
                 self.tool_block = Some((index, false));
-                let field = |name: &str| {
-                    block
-                        .get(name)
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_string()
-                };
                 Ok(vec![Chunk::ToolCall {
-                    call_id: field("id"),
-                    name: field("name"),
+                    call_id: http::str_field(block, "id").to_string(),
+                    name: http::str_field(block, "name").to_string(),
                 }])
             }
             "content_block_delta" => {

@@ -207,6 +207,19 @@ pub fn put(body: &mut Value, field: &str, value: Option<impl serde::Serialize>) 
     }
 }
 
+/// The fields both OpenAI APIs (chat completions and Responses) name alike: the end user,
+/// the prompt cache key and the service tier.
+pub fn put_openai_shared(body: &mut Value, request: &super::CallRequest) {
+    put(body, "user", request.end_user.as_ref());
+    put(body, "prompt_cache_key", request.prompt_cache_key.as_ref());
+    put(body, "service_tier", request.service_tier.as_ref());
+}
+
+/// A string field of an event (empty when absent).
+pub fn str_field<'a>(value: &'a Value, field: &str) -> &'a str {
+    value.get(field).and_then(Value::as_str).unwrap_or_default()
+}
+
 /// A count in a usage object (0 when absent).
 pub fn count(usage: &Value, field: &str) -> u32 {
     usage

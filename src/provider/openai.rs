@@ -140,13 +140,7 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
         "reasoning_effort",
         request.reasoning_effort.as_ref(),
     );
-    http::put(&mut body, "user", request.end_user.as_ref());
-    http::put(
-        &mut body,
-        "prompt_cache_key",
-        request.prompt_cache_key.as_ref(),
-    );
-    http::put(&mut body, "service_tier", request.service_tier.as_ref());
+    http::put_openai_shared(&mut body, request);
     body
 }
 

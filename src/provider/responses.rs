@@ -107,13 +107,7 @@ fn request_body(model: &ModelConfig, request: &CallRequest) -> Value {
     if let Some(effort) = &request.reasoning_effort {
         body["reasoning"] = json!({"effort": effort});
     }
-    http::put(&mut body, "user", request.end_user.as_ref());
-    http::put(
-        &mut body,
-        "prompt_cache_key",
-        request.prompt_cache_key.as_ref(),
-    );
-    http::put(&mut body, "service_tier", request.service_tier.as_ref());
+    http::put_openai_shared(&mut body, request);
     body
 }
 
@@ -137,39 +131,29 @@ impl Decoder for ResponsesDecoder {
             .or(event.event.as_deref())
             .unwrap_or("");
         match kind {
-            "response.output_text.delta" => Ok(value
-                .get("delta")
-                .and_then(Value::as_str)
-                .filter(|d| !d.is_empty())
-                .map(|d| vec![Chunk::Delta(d.to_string())])
-                .unwrap_or_default()),
+            "response.output_text.delta" | "response.function_call_arguments.delta" => {
+                let delta = http::str_field(&value, "delta").to_string();
+                Ok(match kind {
+                    _ if delta.is_empty() => Vec::new(),
+                    "response.output_text.delta" => vec![Chunk::Delta(delta)],
+                    _ => vec![Chunk::Arguments(delta)],
+                })
+            }
             "response.output_item.added" => {
                 let item = value.get("item").unwrap_or(&Value::Null);
                 if item.get("type").and_then(Value::as_str) != Some("function_call") {
                     return Ok(Vec::new());
                 }
-                let field = |name: &str| {
-                    item.get(name)
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_string()
-                };
                 let mut out = vec![Chunk::ToolCall {
-                    call_id: field("call_id"),
-                    name: field("name"),
+                    call_id: http::str_field(item, "call_id").to_string(),
+                    name: http::str_field(item, "name").to_string(),
                 }];
-                let arguments = field("arguments");
+                let arguments = http::str_field(item, "arguments");
                 if !arguments.is_empty() {
-                    out.push(Chunk::Arguments(arguments));
+                    out.push(Chunk::Arguments(arguments.to_string()));
                 }
                 Ok(out)
             }
-            "response.function_call_arguments.delta" => Ok(value
-                .get("delta")
-                .and_then(Value::as_str)
-                .filter(|d| !d.is_empty())
-                .map(|d| vec![Chunk::Arguments(d.to_string())])
-                .unwrap_or_default()),
             "response.completed" => Ok(finish(&value, StopReason::Completed)),
             "response.incomplete" => {
                 let reason = value
