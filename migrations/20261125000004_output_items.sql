@@ -39,14 +39,8 @@ ALTER TABLE tollgate.jobs
     ADD COLUMN previous_response_id uuid,
     ADD COLUMN reasoning_tokens     integer;
 
--- Everything an attempt generated — message text and function-call arguments — for an estimated
--- charge when the attempt stopped before the upstream reported its usage (cancel, delete, a dead
--- worker). Used by the cancel and claim statements in `src/store/jobs.rs`.
-CREATE FUNCTION tollgate.generated_text(job uuid, of_attempt integer) RETURNS text
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce(string_agg(entry.text, '' ORDER BY e.seq_first, entry.n), '')
-      FROM tollgate.job_events e,
-           unnest(e.deltas) WITH ORDINALITY AS entry(text, n)
-     WHERE e.job_id = job AND e.attempt = of_attempt
-       AND substr(e.kinds, entry.n::integer, 1) IN ('t', 'a')
-$$;
+-- `output_arguments`: the function-call arguments the latest attempt streamed, beside the text of
+-- its messages in `output_text`. Both grow in the statement that writes the attempt's event rows,
+-- so the job row alone says what a stopped attempt generated: cancel, delete and the claim after
+-- a dead worker charge `output_text || output_arguments`, read from the row they lock.
+ALTER TABLE tollgate.jobs ADD COLUMN output_arguments text NOT NULL DEFAULT '';

@@ -240,3 +240,34 @@ async fn the_documented_views_answer_from_real_jobs() {
             .unwrap();
     assert_eq!((reason.as_str(), count), ("unknown_model", 1));
 }
+
+/// The mock answers a forced `tool_choice` with a call: it is the job's output item, and its
+/// arguments are on the row beside the (empty) text, where a stopped attempt's charge reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_function_call_is_the_output_and_its_arguments_are_on_the_row() {
+    let env = TestEnv::start(vec![ModelConfig::mock("mock-1")]).await;
+    let key = env.key().await;
+    let (status, created) = env
+        .submit(
+            &key,
+            json!({"model": "mock-1", "input": "call it", "background": true,
+                   "tools": [{"type": "function", "name": "now"}], "tool_choice": "required"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let id = created["id"].as_str().unwrap();
+    let done = env.poll_until_done(&key, id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["output"].as_array().unwrap().len(), 1);
+    assert_eq!(done["output"][0]["type"], "function_call");
+    assert_eq!(done["output"][0]["name"], "now");
+    assert_eq!(done["output"][0]["arguments"], "{}");
+    let uuid = Uuid::parse_str(id.strip_prefix("resp_").unwrap()).unwrap();
+    let (text, arguments): (String, String) =
+        sqlx::query_as("SELECT output_text, output_arguments FROM tollgate.jobs WHERE id = $1")
+            .bind(uuid)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!((text.as_str(), arguments.as_str()), ("", "{}"));
+}

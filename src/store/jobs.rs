@@ -160,11 +160,13 @@ pub struct Claimed {
 pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim, sqlx::Error> {
     let claimed: Option<Claimed> = sqlx::query_as(
         "WITH old AS (
-             SELECT id, attempt, settled_attempt FROM tollgate.jobs
+             SELECT id, attempt, settled_attempt, output_text || output_arguments AS generated
+               FROM tollgate.jobs
               WHERE id = $1 FOR UPDATE
          )
          UPDATE tollgate.jobs j
             SET status = 'in_progress', attempt = j.attempt + 1, output_text = '',
+                output_arguments = '',
                 settled_attempt = j.attempt,
                 started_at = coalesce(j.started_at, now()), updated_at = now(),
                 lease_until = now() + make_interval(secs => $2)
@@ -173,8 +175,7 @@ pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim
             AND (j.status = 'queued' OR (j.status = 'in_progress' AND j.lease_until < now()))
           RETURNING j.attempt, j.attempt - j.handbacks AS tries, j.model, j.request, j.history,
                     j.estimated_input_tokens,
-                    CASE WHEN old.attempt > old.settled_attempt
-                         THEN tollgate.generated_text(old.id, old.attempt) ELSE '' END
+                    CASE WHEN old.attempt > old.settled_attempt THEN old.generated ELSE '' END
                         AS abandoned_output",
     )
     .bind(id)
@@ -196,8 +197,8 @@ pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim
     })
 }
 
-/// Appends a batch of pieces to the job (one event row, and the text of its messages on the job
-/// row), in one statement. Returns false when this attempt no longer owns the job (cancelled, or
+/// Appends a batch of pieces to the job (one event row, and on the job row the text of its
+/// messages and its function-call arguments), in one statement. Returns false when this attempt no longer owns the job (cancelled, or
 /// taken over): the worker must stop. (The lease is renewed beside the call, not here.)
 #[tracing::instrument(skip_all, fields(job_id = %id, n = pieces.len()))]
 pub async fn append_pieces(
@@ -207,19 +208,21 @@ pub async fn append_pieces(
     seq_first: i32,
     pieces: &[Piece],
 ) -> Result<bool, sqlx::Error> {
-    let text: String = pieces
-        .iter()
-        .filter_map(|p| match p {
-            Piece::Text(text) => Some(text.as_str()),
-            _ => None,
-        })
-        .collect();
+    let (mut text, mut arguments) = (String::new(), String::new());
+    for piece in pieces {
+        match piece {
+            Piece::Text(t) => text.push_str(t),
+            Piece::Arguments(a) => arguments.push_str(a),
+            _ => {}
+        }
+    }
     let kinds: String = pieces.iter().map(Piece::kind).collect();
     let payloads: Vec<String> = pieces.iter().map(Piece::payload).collect();
     let written = sqlx::query(
         "WITH job AS (
              UPDATE tollgate.jobs
-                SET output_text = output_text || $4, updated_at = now()
+                SET output_text = output_text || $4, output_arguments = output_arguments || $7,
+                    updated_at = now()
               WHERE id = $1 AND attempt = $2 AND status = 'in_progress'
               RETURNING id
          )
@@ -232,6 +235,7 @@ pub async fn append_pieces(
     .bind(text)
     .bind(payloads)
     .bind(kinds)
+    .bind(arguments)
     .execute(pool)
     .await?
     .rows_affected();
@@ -348,7 +352,7 @@ async fn stop_unfinished(
     charge: impl FnOnce(&Stopping) -> Spent,
 ) -> Result<Option<JobRow>, sqlx::Error> {
     let locked: Option<(String, bool, String, i32)> = sqlx::query_as(
-        "SELECT model, attempt > settled_attempt, tollgate.generated_text(id, attempt),
+        "SELECT model, attempt > settled_attempt, output_text || output_arguments,
                 estimated_input_tokens
            FROM tollgate.jobs
           WHERE id = $1 AND key_id = $2 AND status IN ('queued', 'in_progress')
