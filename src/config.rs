@@ -94,7 +94,10 @@ pub struct AmqpConfig {
     /// Exchange and queue that receive messages no worker can process.
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
-    /// Quorum queue `x-delivery-limit`: a backstop against a message redelivered forever.
+    /// Deliveries a job message may have (RabbitMQ's `x-delivery-count` header) before the worker
+    /// dead-letters it and fails its job: a backstop against a message redelivered forever. The
+    /// worker enforces it, not a queue argument, so it can change between restarts; it may be at
+    /// most [`BROKER_DELIVERY_LIMIT`], the queue's own `x-delivery-limit`.
     pub delivery_limit: u32,
     /// Name tollgate's connections carry in RabbitMQ (`-publisher` / `-worker` appended).
     pub connection_name: String,
@@ -102,16 +105,34 @@ pub struct AmqpConfig {
     pub publish_timeout_ms: u64,
 }
 
+/// The jobs queue's `x-delivery-limit`: fixed, so that changing `amqp.delivery_limit` never
+/// changes a queue argument (RabbitMQ refuses to re-declare a queue with other arguments).
+pub const BROKER_DELIVERY_LIMIT: u32 = 1000;
+
 impl AmqpConfig {
     /// The delay queue a job waits in before attempt `level + 1` (`level` ≥ 1).
     pub fn retry_queue(&self, level: u32) -> String {
-        format!("{}.retry.{level}", self.queue)
+        format!("{}.delay.{level}", self.queue)
     }
 
     /// The delay queue of a job whose upstream asked for a longer wait than the backoff
     /// (`Retry-After`); messages wait there at most `worker.retry_max_ms`.
     pub fn retry_after_queue(&self) -> String {
-        format!("{}.retry.after", self.queue)
+        format!("{}.delay.after", self.queue)
+    }
+
+    /// The delay queue of a job whose worker could not reach PostgreSQL; messages wait there at
+    /// most `worker.db_retry_max_ms`.
+    pub fn db_retry_queue(&self) -> String {
+        format!("{}.delay.db", self.queue)
+    }
+
+    /// Every delay queue, for `max_attempts` attempts.
+    pub fn delay_queues(&self, max_attempts: u32) -> Vec<String> {
+        (1..max_attempts)
+            .map(|level| self.retry_queue(level))
+            .chain([self.retry_after_queue(), self.db_retry_queue()])
+            .collect()
     }
 }
 
@@ -145,8 +166,14 @@ pub struct ServerConfig {
     /// A job still `queued` this long after admission expires (`failed`, code `expired`) and gives
     /// back its slot and reservation.
     pub queued_job_ttl_seconds: u64,
-    /// How often the front rescues lapsed leases and expires queued jobs, in milliseconds.
+    /// How often the front rescues lapsed leases, republishes overdue jobs and expires queued
+    /// jobs, in milliseconds.
     pub sweep_interval_ms: u64,
+    /// A job `queued` this long since it was admitted or last put back, whose message no worker
+    /// has claimed, is published again (its message was lost: dead-lettered, or purged), once per
+    /// this period and only while the jobs queue holds no ready message (so a backlog is never
+    /// doubled). Longer than `worker.retry_max_ms`, the longest a retry waits on purpose.
+    pub requeue_overdue_seconds: u64,
     /// Finished jobs (with their events) are removed this many days after they finished.
     pub retention_days: u32,
     /// On SIGTERM, how long requests in progress may take to finish.
@@ -169,6 +196,7 @@ impl Default for ServerConfig {
             relay_grace_ms: 5000,
             queued_job_ttl_seconds: 86_400,
             sweep_interval_ms: 5000,
+            requeue_overdue_seconds: 300,
             retention_days: 30,
             shutdown_grace_seconds: 10,
             sync_wait_seconds: 300,
@@ -196,6 +224,10 @@ pub struct WorkerConfig {
     /// 20% jitter.
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
+    /// While its worker cannot reach PostgreSQL, a job's message waits in a delay queue, 1 s the
+    /// first time and doubling up to this, then comes back to be tried again: an outage of any
+    /// length strands no job, and a job runs at most this long after the outage ends.
+    pub db_retry_max_ms: u64,
     /// On SIGTERM, how long running jobs may take to finish before they are handed back.
     pub shutdown_grace_seconds: u64,
 }
@@ -210,6 +242,7 @@ impl Default for WorkerConfig {
             max_attempts: 4,
             retry_base_ms: 1000,
             retry_max_ms: 60_000,
+            db_retry_max_ms: 10_000,
             shutdown_grace_seconds: 30,
         }
     }
@@ -218,6 +251,13 @@ impl Default for WorkerConfig {
 impl WorkerConfig {
     pub fn flush_interval(&self) -> Duration {
         Duration::from_millis(self.flush_interval_ms)
+    }
+
+    /// How long a job's message waits after its worker failed to reach PostgreSQL `failures`
+    /// times in a row (≥ 1): 1 s doubling, at most `db_retry_max_ms`.
+    pub fn db_retry_delay(&self, failures: u32) -> Duration {
+        let factor = 1u64 << failures.saturating_sub(1).min(30);
+        Duration::from_millis(1000u64.saturating_mul(factor).min(self.db_retry_max_ms))
     }
 
     /// The delay before the attempt after `level` failed attempts (without jitter).
@@ -516,6 +556,16 @@ impl Config {
         if !(1..=10).contains(&self.worker.max_attempts) {
             return Err(ConfigError::Invalid(
                 "worker.max_attempts must be 1 to 10".into(),
+            ));
+        }
+        if !(1..=BROKER_DELIVERY_LIMIT).contains(&self.amqp.delivery_limit) {
+            return Err(ConfigError::Invalid(format!(
+                "amqp.delivery_limit must be 1 to {BROKER_DELIVERY_LIMIT}"
+            )));
+        }
+        if self.server.requeue_overdue_seconds * 1000 <= self.worker.retry_max_ms {
+            return Err(ConfigError::Invalid(
+                "server.requeue_overdue_seconds must be longer than worker.retry_max_ms".into(),
             ));
         }
         if self.worker.concurrency == 0 {

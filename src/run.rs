@@ -42,7 +42,12 @@ pub async fn serve(
         Duration::from_millis(config.server.relay_grace_ms),
         shutdown.clone(),
     ));
-    let sweeper = tokio::spawn(sweep(pool.clone(), config.clone(), shutdown.clone()));
+    let sweeper = tokio::spawn(sweep(
+        pool.clone(),
+        config.clone(),
+        publisher.clone(),
+        shutdown.clone(),
+    ));
     let admission = Arc::new(
         Admission::new(pool.clone(), config.clone()).context("invalid guardrail configuration")?,
     );
@@ -84,19 +89,43 @@ pub async fn serve(
 /// How often the sweeper purges what retention no longer keeps.
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
 
-/// Until `shutdown`: rescues jobs whose worker is gone (lease lapsed), expires jobs left `queued`
-/// past their time to live, and now and then purges what retention no longer keeps.
-async fn sweep(pool: PgPool, config: Arc<Config>, shutdown: CancellationToken) {
+/// Until `shutdown`: rescues jobs whose worker is gone (lease lapsed), republishes jobs whose
+/// message was lost, expires jobs left `queued` past their time to live, and now and then purges
+/// what retention no longer keeps.
+async fn sweep(
+    pool: PgPool,
+    config: Arc<Config>,
+    publisher: Arc<Publisher>,
+    shutdown: CancellationToken,
+) {
     let ttl_seconds = config.server.queued_job_ttl_seconds;
     let interval = Duration::from_millis(config.server.sweep_interval_ms);
+    let overdue = Duration::from_secs(config.server.requeue_overdue_seconds);
     let mut next_purge = tokio::time::Instant::now();
     loop {
-        match jobs::rescue_lapsed_leases(&pool, 1.0).await {
+        match outbox::rescue_lapsed(&pool, Duration::from_secs(1)).await {
             Ok(rescued) if rescued.is_empty() => {}
             Ok(rescued) => {
                 tracing::warn!(jobs = rescued.len(), "rescued jobs whose worker is gone")
             }
             Err(e) => tracing::warn!(error = %e, "could not rescue lapsed jobs; will retry"),
+        }
+        // Only while no message waits in the jobs queue: then a job queued that long lost its
+        // message. (In a backlog, jobs wait for their turn, and would only be doubled.)
+        if let Ok(0) = publisher.ready_messages().await {
+            match outbox::requeue_overdue(&pool, overdue).await {
+                Ok(requeued) if requeued.is_empty() => {}
+                Ok(requeued) => {
+                    tracing::warn!(
+                        jobs = requeued.len(),
+                        ?requeued,
+                        "republished queued jobs whose message was lost"
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not republish overdue jobs; will retry")
+                }
+            }
         }
         match jobs::expire_queued(&pool, ttl_seconds).await {
             Ok(0) => {}

@@ -217,7 +217,15 @@ async fn in_flight_slots_are_exact_and_every_terminal_path_gives_them_back() {
         after["status"], "cancelled",
         "the worker must not overwrite a cancel"
     );
-    assert_eq!(env.counters_of(&key).await, (0, 0, spent_after_completion));
+    // What it streamed before the cancel (if anything yet) is charged, once.
+    let charged: i64 = sqlx::query_scalar(
+        "SELECT coalesce(charged_micro_usd, 0) FROM tollgate.jobs WHERE model = 'slow'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let spent_after_cancel = spent_after_completion + charged;
+    assert_eq!(env.counters_of(&key).await, (0, 0, spent_after_cancel));
 
     // A redelivered message for a finished job changes nothing.
     let finished = ids[2].clone();
@@ -233,7 +241,7 @@ async fn in_flight_slots_are_exact_and_every_terminal_path_gives_them_back() {
     .await;
     env.stop_worker().await;
     publisher.close().await;
-    assert_eq!(env.counters_of(&key).await, (0, 0, spent_after_completion));
+    assert_eq!(env.counters_of(&key).await, (0, 0, spent_after_cancel));
     // A completed job cannot be cancelled.
     let (status, _) = env
         .post_empty(&key, &format!("/v1/responses/{finished}/cancel"))

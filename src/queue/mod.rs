@@ -4,16 +4,19 @@
 //! Topology (all durable, declared at start by every process, idempotently):
 //! - direct exchange `amqp.exchange` → quorum queue `amqp.queue`, routing key [`ROUTING_KEY`];
 //! - the queue dead-letters to fanout exchange `amqp.dead_letter_exchange` → quorum queue
-//!   `amqp.dead_letter_queue`, with `x-delivery-limit` as a backstop against endless redelivery;
-//!   a worker dead-letters a message it cannot process itself, adding the header
-//!   [`REASON_HEADER`];
-//! - delay queues `<queue>.retry.<n>` (classic, durable), one per retry level n = 1 …
-//!   `worker.max_attempts - 1`: a job whose attempt n failed retryably waits in level n (per-message
-//!   expiration, at most the level's `x-message-ttl`), then dead-letters back to the jobs exchange
-//!   with routing key [`ROUTING_KEY`];
-//! - delay queue `<queue>.retry.after` (classic, durable, `x-message-ttl` = `worker.retry_max_ms`)
-//!   for a job whose upstream asked, with `Retry-After`, for a longer wait than its backoff; it
-//!   dead-letters back the same way.
+//!   `amqp.dead_letter_queue`. A worker dead-letters a message it cannot process itself, adding
+//!   the header [`REASON_HEADER`], and so it does with a message delivered `amqp.delivery_limit`
+//!   times (a backstop against endless redelivery, read from `x-delivery-count`); the queue's
+//!   own `x-delivery-limit` is a fixed, higher [`BROKER_DELIVERY_LIMIT`];
+//! - delay queues (classic, durable), where a message waits for its per-message expiration, then
+//!   dead-letters back to the jobs exchange with routing key [`ROUTING_KEY`]:
+//!   `<queue>.delay.<n>`, one per retry level n = 1 … `worker.max_attempts - 1`, for a job whose
+//!   attempt n failed retryably; `<queue>.delay.after` for a job whose upstream asked, with
+//!   `Retry-After`, for a longer wait than its backoff; `<queue>.delay.db` for a job whose worker
+//!   could not reach PostgreSQL.
+//!
+//! No argument depends on a setting, so settings can change between restarts (see
+//! [`declare_topology`]).
 
 pub mod outbox;
 mod publisher;
@@ -23,11 +26,14 @@ pub use publisher::{publish_on, publish_raw, Envelope, PublishError, Publisher};
 use lapin::{
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
-    Channel, ExchangeKind,
+    Channel, Connection, ExchangeKind,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{config::Config, ids::JobId};
+use crate::{
+    config::{Config, BROKER_DELIVERY_LIMIT},
+    ids::JobId,
+};
 
 /// Routing key of job messages on the jobs exchange.
 pub const ROUTING_KEY: &str = "jobs";
@@ -60,13 +66,16 @@ impl JobMessage {
 }
 
 /// Declares tollgate's exchanges and queues (idempotent: same names, same arguments).
-pub async fn declare_topology(channel: &Channel, full: &Config) -> Result<(), lapin::Error> {
+///
+/// No queue argument depends on a setting that may change between restarts (delays travel as
+/// per-message expirations, the delivery limit is enforced by the worker), because RabbitMQ
+/// refuses to re-declare a queue with other arguments. A queue that exists with other arguments
+/// all the same (declared by an earlier version, or by an operator) is kept as it is, with a
+/// warning saying what differs: the process starts.
+pub async fn declare_topology(conn: &Connection, full: &Config) -> Result<(), lapin::Error> {
     let config = &full.amqp;
+    let mut channel = conn.create_channel().await?;
     let durable_exchange = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let durable_queue = QueueDeclareOptions {
         durable: true,
         ..Default::default()
     };
@@ -90,22 +99,14 @@ pub async fn declare_topology(channel: &Channel, full: &Config) -> Result<(), la
             FieldTable::default(),
         )
         .await?;
-    channel
-        .queue_declare(
-            config.dead_letter_queue.as_str().into(),
-            durable_queue,
-            quorum(&[]),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            config.dead_letter_queue.as_str().into(),
-            config.dead_letter_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    declare_queue(conn, &mut channel, &config.dead_letter_queue, quorum(&[])).await?;
+    bind(
+        &channel,
+        &config.dead_letter_queue,
+        &config.dead_letter_exchange,
+        "",
+    )
+    .await?;
 
     channel
         .exchange_declare(
@@ -115,39 +116,24 @@ pub async fn declare_topology(channel: &Channel, full: &Config) -> Result<(), la
             FieldTable::default(),
         )
         .await?;
-    channel
-        .queue_declare(
-            config.queue.as_str().into(),
-            durable_queue,
-            quorum(&[
-                (
-                    "x-dead-letter-exchange",
-                    AMQPValue::LongString(config.dead_letter_exchange.as_str().into()),
-                ),
-                (
-                    "x-delivery-limit",
-                    AMQPValue::LongInt(config.delivery_limit as i32),
-                ),
-            ]),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            config.queue.as_str().into(),
-            config.exchange.as_str().into(),
-            ROUTING_KEY.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let jobs_args = quorum(&[
+        (
+            "x-dead-letter-exchange",
+            AMQPValue::LongString(config.dead_letter_exchange.as_str().into()),
+        ),
+        (
+            "x-delivery-limit",
+            AMQPValue::LongInt(BROKER_DELIVERY_LIMIT as i32),
+        ),
+    ]);
+    declare_queue(conn, &mut channel, &config.queue, jobs_args).await?;
+    bind(&channel, &config.queue, &config.exchange, ROUTING_KEY).await?;
 
-    let delay_queues = (1..full.worker.max_attempts)
-        .map(|level| (config.retry_queue(level), full.worker.retry_delay(level)))
-        .chain([(
-            config.retry_after_queue(),
-            std::time::Duration::from_millis(full.worker.retry_max_ms),
-        )]);
-    for (name, ttl) in delay_queues {
+    // Delay queues: a message waits for its own expiration, then dead-letters back to the jobs
+    // exchange. Classic queues expire messages at their head only, so each queue holds waits of
+    // one kind (a retry level, Retry-After, a database outage) that end in about the order they
+    // began.
+    for name in config.delay_queues(full.worker.max_attempts) {
         let mut args = FieldTable::default();
         args.insert(
             "x-dead-letter-exchange".into(),
@@ -157,13 +143,67 @@ pub async fn declare_topology(channel: &Channel, full: &Config) -> Result<(), la
             "x-dead-letter-routing-key".into(),
             AMQPValue::LongString(ROUTING_KEY.into()),
         );
-        args.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(ttl.as_millis() as i64),
-        );
-        channel
-            .queue_declare(name.as_str().into(), durable_queue, args)
-            .await?;
+        declare_queue(conn, &mut channel, &name, args).await?;
     }
+    let _ = channel.close(200, "topology declared".into()).await;
     Ok(())
 }
+
+/// Declares a durable queue. If it exists with other arguments, RabbitMQ closes the channel
+/// (`PRECONDITION_FAILED`): the queue is then checked passively on a new channel and kept, with a
+/// warning naming the difference and what to do about it.
+async fn declare_queue(
+    conn: &Connection,
+    channel: &mut Channel,
+    name: &str,
+    args: FieldTable,
+) -> Result<(), lapin::Error> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let refused = match channel.queue_declare(name.into(), durable, args).await {
+        Ok(_) => return Ok(()),
+        Err(e) => match e.kind() {
+            lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == PRECONDITION_FAILED => {
+                amqp.get_message().as_str().to_string()
+            }
+            _ => return Err(e),
+        },
+    };
+    *channel = conn.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(name.into(), passive, FieldTable::default())
+        .await?;
+    tracing::warn!(
+        queue = name,
+        broker = %refused,
+        "the queue exists with other arguments than tollgate declares; it is kept as it is. \
+         To use tollgate's, let it drain, delete it, and restart (or apply a policy)"
+    );
+    Ok(())
+}
+
+async fn bind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<(), lapin::Error> {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// The reply code RabbitMQ closes a channel with when a declaration does not match what exists.
+const PRECONDITION_FAILED: u16 = 406;

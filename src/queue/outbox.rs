@@ -3,6 +3,10 @@
 //! left unsent (RabbitMQ was down, the front crashed between commit and publish), so every
 //! committed job is published at least once. A second publish is harmless: the worker skips a job
 //! that is not `queued`.
+//!
+//! A job that needs a message again gets a new outbox row in the transaction that decides so:
+//! one whose worker died ([`rescue_lapsed`]), and one left `queued` whose message was lost —
+//! dead-lettered, purged — ([`requeue_overdue`]).
 
 use std::{sync::Arc, time::Duration};
 
@@ -11,6 +15,7 @@ use sqlx::{types::Json, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use super::{JobMessage, Publisher};
+use crate::{ids::JobId, store::jobs};
 
 /// Rows published per relay transaction.
 const RELAY_BATCH: i64 = 100;
@@ -21,6 +26,54 @@ pub async fn mark_sent(pool: &PgPool, outbox_id: i64) -> Result<(), sqlx::Error>
         .bind(outbox_id)
         .execute(pool)
         .await?;
+    Ok(())
+}
+
+/// Jobs one sweep gives a new message at most (the next sweep goes on).
+const REQUEUE_BATCH: i64 = 1000;
+
+/// Puts back the jobs whose worker is gone (lease lapsed more than `grace` ago) with a new
+/// message each, in one transaction. Returns them.
+pub async fn rescue_lapsed(pool: &PgPool, grace: Duration) -> Result<Vec<JobId>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let rescued = jobs::rescue_lapsed_leases(&mut tx, grace.as_secs_f64()).await?;
+    insert(&mut tx, &rescued).await?;
+    tx.commit().await?;
+    Ok(rescued.into_iter().map(|(id, _)| id).collect())
+}
+
+/// Gives a new message to each job `queued` for longer than `overdue` with none in the outbox,
+/// in one transaction. The caller makes sure no message waits in the jobs queue (then a job
+/// queued that long has lost its message); a job whose message was only late gets a duplicate,
+/// which the worker drops. Returns them.
+pub async fn requeue_overdue(pool: &PgPool, overdue: Duration) -> Result<Vec<JobId>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let overdue = jobs::take_overdue_queued(&mut tx, overdue.as_secs_f64(), REQUEUE_BATCH).await?;
+    insert(&mut tx, &overdue).await?;
+    tx.commit().await?;
+    Ok(overdue.into_iter().map(|(id, _)| id).collect())
+}
+
+/// Inserts an unsent outbox row for each (job, model), for the relay to publish.
+async fn insert(tx: &mut sqlx::PgConnection, jobs: &[(JobId, String)]) -> Result<(), sqlx::Error> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<uuid::Uuid> = jobs.iter().map(|(id, _)| id.0).collect();
+    let payloads: Vec<Value> = jobs
+        .iter()
+        .map(|(id, model)| {
+            serde_json::to_value(JobMessage::new(*id, model)).expect("a job message serialises")
+        })
+        .collect();
+    sqlx::query(
+        "INSERT INTO tollgate.outbox (job_id, payload)
+         SELECT * FROM unnest($1::uuid[], $2::jsonb[])",
+    )
+    .bind(&ids)
+    .bind(&payloads)
+    .execute(tx)
+    .await?;
     Ok(())
 }
 

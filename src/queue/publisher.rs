@@ -10,7 +10,7 @@ use std::{
 };
 
 use lapin::{
-    options::{BasicPublishOptions, ConfirmSelectOptions},
+    options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
     types::FieldTable,
     BasicProperties, Channel, Connection, ConnectionProperties,
 };
@@ -107,8 +107,8 @@ impl Publisher {
                 .with_connection_name(format!("{}-publisher", amqp.connection_name).into()),
         )
         .await?;
+        declare_topology(&conn, &self.config).await?;
         let channel = conn.create_channel().await?;
-        declare_topology(&channel, &self.config).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
@@ -124,6 +124,27 @@ impl Publisher {
         };
         let channel = self.channel().await?;
         publish_on(&channel, message, envelope, self.timeout()).await
+    }
+
+    /// How many messages wait in the jobs queue, ready for a consumer (not counting those
+    /// delivered and not yet acked).
+    pub async fn ready_messages(&self) -> Result<u32, PublishError> {
+        let channel = self.channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let declared = tokio::time::timeout(
+            self.timeout(),
+            channel.queue_declare(
+                self.config.amqp.queue.as_str().into(),
+                passive,
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .map_err(|_| PublishError::Timeout)??;
+        Ok(declared.message_count())
     }
 
     fn timeout(&self) -> Duration {

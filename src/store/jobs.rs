@@ -128,7 +128,8 @@ pub async fn get_for_key(
 pub enum Claim {
     /// The worker now owns this attempt of the job.
     Claimed(Claimed),
-    /// Another worker holds a live lease on it.
+    /// Another worker holds a live lease on it (or it went back to `queued` meanwhile, with a
+    /// message of its own).
     Running,
     /// It already reached a terminal state: nothing to do.
     Finished(JobStatus),
@@ -400,18 +401,62 @@ async fn stop_unfinished(
 
 /// Ends jobs still `queued` after `ttl_seconds` (`failed`, code `expired`); the trigger gives back
 /// their slots and reservations. Returns how many expired.
+///
+/// One job per statement, taken with `SKIP LOCKED`: each statement then holds one job row and,
+/// through the trigger, its key's counter row — the order every cancel, delete and finish takes
+/// them in — and waits for no job another transaction holds. (One multi-row UPDATE took many
+/// jobs' rows and counters in no set order, and deadlocked against a cancel of the same key.)
 pub async fn expire_queued(pool: &PgPool, ttl_seconds: u64) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(
+    let mut expired = 0;
+    while expired < EXPIRE_BATCH {
+        let one = sqlx::query(
+            "UPDATE tollgate.jobs
+                SET status = 'failed', finished_at = now(), updated_at = now(),
+                    error = jsonb_build_object('code', 'expired',
+                        'message', 'the job waited in the queue longer than its time to live')
+              WHERE id = (SELECT id FROM tollgate.jobs
+                           WHERE status = 'queued'
+                             AND created_at < now() - make_interval(secs => $1)
+                           LIMIT 1 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(ttl_seconds as f64)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        if one == 0 {
+            break;
+        }
+        expired += one;
+    }
+    Ok(expired)
+}
+
+/// Most jobs one sweep expires (the next sweep goes on).
+const EXPIRE_BATCH: u64 = 1000;
+
+/// Fails a job that is still `queued` (its message cannot be delivered any more), with `code` and
+/// `message` as its error; the trigger gives back its slot and reservation. False when it was not
+/// queued.
+#[tracing::instrument(skip_all, fields(job_id = %id, code))]
+pub async fn fail_queued(
+    pool: &PgPool,
+    id: JobId,
+    code: &str,
+    message: &str,
+) -> Result<bool, sqlx::Error> {
+    let failed = sqlx::query(
         "UPDATE tollgate.jobs
             SET status = 'failed', finished_at = now(), updated_at = now(),
-                error = jsonb_build_object('code', 'expired',
-                    'message', 'the job waited in the queue longer than its time to live')
-          WHERE status = 'queued' AND created_at < now() - make_interval(secs => $1)",
+                error = jsonb_build_object('code', $2::text, 'message', $3::text)
+          WHERE id = $1 AND status = 'queued'",
     )
-    .bind(ttl_seconds as f64)
+    .bind(id)
+    .bind(code)
+    .bind(message)
     .execute(pool)
     .await?
-    .rows_affected())
+    .rows_affected();
+    Ok(failed == 1)
 }
 
 /// Gives a claimed job back (`in_progress → queued`) when its worker stops before finishing it,
@@ -508,42 +553,50 @@ pub async fn requeue_for_retry(
     Ok(requeued == 1)
 }
 
-/// Rescues jobs whose worker is gone (lease lapsed): back to `queued` with a new outbox message,
-/// in one transaction, so the relay publishes them again and the next claim starts a new attempt.
-/// Returns the rescued jobs.
+/// Inside a transaction: puts back to `queued` the jobs whose worker is gone (lease lapsed more
+/// than `grace_seconds` ago), so the next claim starts a new attempt. Returns them with their
+/// models; the caller gives each a new message (see `queue::outbox`).
 pub async fn rescue_lapsed_leases(
-    pool: &PgPool,
+    tx: &mut PgConnection,
     grace_seconds: f64,
-) -> Result<Vec<JobId>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let rescued: Vec<(JobId, String)> = sqlx::query_as(
+) -> Result<Vec<(JobId, String)>, sqlx::Error> {
+    sqlx::query_as(
         "UPDATE tollgate.jobs SET status = 'queued', lease_until = NULL, updated_at = now()
-          WHERE status = 'in_progress' AND lease_until < now() - make_interval(secs => $1)
+          WHERE id IN (SELECT id FROM tollgate.jobs
+                        WHERE status = 'in_progress'
+                          AND lease_until < now() - make_interval(secs => $1)
+                        FOR UPDATE SKIP LOCKED)
           RETURNING id, model",
     )
     .bind(grace_seconds)
-    .fetch_all(&mut *tx)
-    .await?;
-    if !rescued.is_empty() {
-        let ids: Vec<uuid::Uuid> = rescued.iter().map(|(id, _)| id.0).collect();
-        let payloads: Vec<Value> = rescued
-            .iter()
-            .map(|(id, model)| {
-                serde_json::to_value(crate::queue::JobMessage::new(*id, model))
-                    .expect("a job message serialises")
-            })
-            .collect();
-        sqlx::query(
-            "INSERT INTO tollgate.outbox (job_id, payload)
-             SELECT * FROM unnest($1::uuid[], $2::jsonb[])",
-        )
-        .bind(&ids)
-        .bind(&payloads)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(rescued.into_iter().map(|(id, _)| id).collect())
+    .fetch_all(tx)
+    .await
+}
+
+/// Inside a transaction: takes up to `limit` jobs `queued` for more than `overdue_seconds` since
+/// they were admitted or last put back, with no message waiting in the outbox, and marks them
+/// as just put back (`updated_at`), so each is taken once per period. Returns them with their
+/// models; the caller gives each a new message.
+pub async fn take_overdue_queued(
+    tx: &mut PgConnection,
+    overdue_seconds: f64,
+    limit: i64,
+) -> Result<Vec<(JobId, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE tollgate.jobs SET updated_at = now()
+          WHERE id IN (SELECT j.id FROM tollgate.jobs j
+                        WHERE j.status = 'queued'
+                          AND j.updated_at < now() - make_interval(secs => $1)
+                          AND NOT EXISTS (SELECT 1 FROM tollgate.outbox o
+                                           WHERE o.job_id = j.id AND o.sent_at IS NULL)
+                        ORDER BY j.updated_at LIMIT $2
+                        FOR UPDATE SKIP LOCKED)
+          RETURNING id, model",
+    )
+    .bind(overdue_seconds)
+    .bind(limit)
+    .fetch_all(tx)
+    .await
 }
 
 /// Deletes the job `id` of `key_id` (its events and outbox row go with it). An unfinished job is

@@ -30,20 +30,14 @@ use crate::{
     tokens,
 };
 
-/// How often a worker that found its job held by another checks whether that lease lapsed.
-const HELD_JOB_POLL: Duration = Duration::from_secs(1);
-
-/// Runs the job and says what to do with its message. A database failure hands the message back.
+/// Runs the job and says what to do with its message. A database failure sends the message to
+/// wait in the database delay queue.
 pub(super) async fn run(worker: &Worker, id: JobId, abort: &CancellationToken) -> Disposition {
     match run_inner(worker, id, abort).await {
         Ok(disposition) => disposition,
         Err(e) => {
-            tracing::warn!(job_id = %id, error = %e, "database error while running job; handing it back");
-            tokio::select! {
-                _ = abort.cancelled() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-            Disposition::Requeue
+            tracing::warn!(job_id = %id, error = %e, "database error while running job; its message waits and comes back");
+            Disposition::DatabaseDown
         }
     }
 }
@@ -81,18 +75,18 @@ async fn run_inner(
     abort: &CancellationToken,
 ) -> Result<Disposition, sqlx::Error> {
     let settings = &worker.config.worker;
-    let claimed = loop {
-        match jobs::claim(&worker.pool, id, settings.lease_seconds).await? {
-            Claim::Claimed(claimed) => break claimed,
-            Claim::Finished(status) => {
-                tracing::info!(?status, "job already finished; message skipped");
-                return Ok(Disposition::Ack);
-            }
-            Claim::Missing => return Ok(Disposition::DeadLetter(format!("no job {id}"))),
-            Claim::Running => tokio::select! {
-                _ = abort.cancelled() => return Ok(Disposition::Requeue),
-                _ = tokio::time::sleep(HELD_JOB_POLL) => {}
-            },
+    let claimed = match jobs::claim(&worker.pool, id, settings.lease_seconds).await? {
+        Claim::Claimed(claimed) => claimed,
+        Claim::Finished(status) => {
+            tracing::info!(?status, "job already finished; message skipped");
+            return Ok(Disposition::Ack);
+        }
+        Claim::Missing => return Ok(Disposition::DeadLetter(format!("no job {id}"))),
+        // A duplicate: the running attempt's own message finishes the job. If that worker
+        // dies, its lease lapses and the sweeper puts the job back with a new message.
+        Claim::Running => {
+            tracing::info!("job held by a live attempt; duplicate message dropped");
+            return Ok(Disposition::Ack);
         }
     };
     let Claimed {

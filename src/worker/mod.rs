@@ -6,21 +6,26 @@
 //! Error policy, in one place:
 //! - a message it cannot understand (not JSON, unknown schema version, not a job id, no such job)
 //!   is dead-lettered with the reason in the `x-tollgate-reason` header — never an endless loop;
+//! - a message delivered `amqp.delivery_limit` times (`x-delivery-count`) is dead-lettered the
+//!   same way and its job, if still `queued`, fails with code `delivery_limit`;
 //! - a message for a finished job (a redelivery, a second publish) is acked and skipped;
-//! - a message for a job another worker is running waits until that worker's lease lapses, then
-//!   takes the job over (the other worker is gone) or finds it finished;
+//! - a message for a job another attempt holds (a duplicate) is acked and dropped at once: the
+//!   running attempt's own message finishes the job, and if its worker dies, the lease lapses
+//!   and the sweeper puts the job back with a new message — so a duplicate never holds a slot;
 //! - a retryable upstream failure (connection, timeout before the first token, a stream cut off
 //!   before its end marker, 408, 409, 429, 5xx) puts the job back to `queued` and its message into
 //!   the delay queue of that attempt (or, when the upstream's `Retry-After` asks for longer, into
-//!   `retry.after` for that long), until `worker.max_attempts`; then, or for any other upstream
+//!   `delay.after` for that long), until `worker.max_attempts`; then, or for any other upstream
 //!   failure, the job ends `failed` with the error stored; either way what the attempt streamed is
 //!   charged (see `billing`);
 //! - a length or content-filter stop ends the job `incomplete`, with its reason;
 //! - a job cancelled while running is stopped at once (NOTIFY `tollgate_job_cancelled`; failing
 //!   that, at its next write or lease renewal);
-//! - a PostgreSQL failure hands the message back (nack + requeue) so the job runs again later;
+//! - a PostgreSQL failure sends the message to wait in `delay.db` (1 s, doubling up to
+//!   `worker.db_retry_max_ms`) and acks it: a new message each time, so an outage of any length
+//!   never uses up the delivery limit nor strands a job, and no worker spins on it;
 //! - on shutdown it stops taking messages, lets running jobs finish for
-//!   `worker.shutdown_grace_seconds`, then hands back the unfinished ones.
+//!   `worker.shutdown_grace_seconds`, then hands back the unfinished ones (nack + requeue).
 
 mod job;
 
@@ -49,6 +54,7 @@ use crate::{
     config::Config,
     ids::JobId,
     queue::{self, Envelope, JobMessage},
+    store::jobs,
 };
 
 /// What to do with a delivery once it has been handled.
@@ -59,6 +65,8 @@ pub enum Disposition {
     Requeue,
     /// Send it to the dead-letter queue with this reason.
     DeadLetter(String),
+    /// PostgreSQL could not be reached: send the message to wait in the database delay queue.
+    DatabaseDown,
     /// The job is `queued` again: send its message through the delay queue of `level`, or, when
     /// the upstream asked for a longer wait (`Retry-After`), through the delay queue for that.
     RetryLater {
@@ -139,8 +147,8 @@ impl Worker {
                 .with_connection_name(format!("{}-worker", amqp.connection_name).into()),
         )
         .await?;
+        queue::declare_topology(&conn, &self.config).await?;
         let channel = conn.create_channel().await?;
-        queue::declare_topology(&channel, &self.config).await?;
         let publish = conn.create_channel().await?;
         publish
             .confirm_select(ConfirmSelectOptions::default())
@@ -206,7 +214,10 @@ impl Worker {
     }
 
     async fn handle(&self, delivery: Delivery, publish: &Channel, abort: &CancellationToken) {
-        let disposition = self.process(&delivery.data, abort).await;
+        let headers = delivery.properties.headers().as_ref();
+        let deliveries = header_u32(headers, DELIVERY_COUNT_HEADER);
+        let db_failures = header_u32(headers, DB_FAILURES_HEADER);
+        let disposition = self.process(&delivery.data, deliveries, abort).await;
         let timeout = Duration::from_millis(self.config.amqp.publish_timeout_ms);
         let requeue = BasicNackOptions {
             requeue: true,
@@ -215,6 +226,32 @@ impl Worker {
         let result = match disposition {
             Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
             Disposition::Requeue => delivery.nack(requeue).await,
+            Disposition::DatabaseDown => {
+                let failures = db_failures + 1;
+                let delay = self.config.worker.db_retry_delay(failures);
+                let queue_name = self.config.amqp.db_retry_queue();
+                let mut headers = FieldTable::default();
+                headers.insert(DB_FAILURES_HEADER.into(), AMQPValue::LongUInt(failures));
+                let envelope = Envelope {
+                    exchange: "",
+                    routing_key: &queue_name,
+                    expiration_ms: Some(delay.as_millis() as u64),
+                    headers: Some(headers),
+                };
+                let id = message_id(&delivery);
+                match queue::publish_raw(publish, &delivery.data, &id, envelope, timeout).await {
+                    Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+                    Err(e) => {
+                        // Neither PostgreSQL nor the delay queue: give it back, not at once.
+                        tracing::warn!(error = %e, "could not delay the message; requeueing");
+                        tokio::select! {
+                            _ = abort.cancelled() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        delivery.nack(requeue).await
+                    }
+                }
+            }
             Disposition::RetryLater {
                 message,
                 level,
@@ -252,12 +289,7 @@ impl Worker {
                     expiration_ms: None,
                     headers: Some(headers),
                 };
-                let id = delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default();
+                let id = message_id(&delivery);
                 match queue::publish_raw(publish, &delivery.data, &id, envelope, timeout).await {
                     Ok(()) => delivery.ack(BasicAckOptions::default()).await,
                     // RabbitMQ's own dead-lettering, without our reason header.
@@ -287,8 +319,14 @@ impl Worker {
         }
     }
 
-    /// Decides a delivery's fate: parses the message and runs its job.
-    pub async fn process(&self, body: &[u8], abort: &CancellationToken) -> Disposition {
+    /// Decides a delivery's fate: parses the message and runs its job. `deliveries` is how many
+    /// times RabbitMQ delivered it before (`x-delivery-count`).
+    pub async fn process(
+        &self,
+        body: &[u8],
+        deliveries: u32,
+        abort: &CancellationToken,
+    ) -> Disposition {
         let message: JobMessage = match serde_json::from_slice(body) {
             Ok(m) => m,
             Err(e) => return Disposition::DeadLetter(format!("malformed job message: {e}")),
@@ -299,6 +337,17 @@ impl Worker {
         let Some(job_id) = JobId::parse_public(&message.job_id) else {
             return Disposition::DeadLetter(format!("not a job id: {:?}", message.job_id));
         };
+        let limit = self.config.amqp.delivery_limit;
+        if deliveries >= limit {
+            let reason = format!("delivered {deliveries} times, the limit is {limit}");
+            return match jobs::fail_queued(&self.pool, job_id, "delivery_limit", &reason).await {
+                Ok(_) => Disposition::DeadLetter(reason),
+                Err(e) => {
+                    tracing::warn!(%job_id, error = %e, "could not fail the job at its delivery limit");
+                    Disposition::DatabaseDown
+                }
+            };
+        }
         job::run(self, job_id, abort).await
     }
 
@@ -367,6 +416,39 @@ impl Drop for Tracked {
             .expect("running-jobs lock")
             .remove(&self.id);
     }
+}
+
+/// Header RabbitMQ's quorum queues set on a redelivered message: its earlier deliveries.
+const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
+/// Header counting how many times in a row a worker could not reach PostgreSQL for this job.
+const DB_FAILURES_HEADER: &str = "x-tollgate-db-failures";
+
+/// A numeric header's value, 0 when absent.
+fn header_u32(headers: Option<&FieldTable>, name: &str) -> u32 {
+    let found = headers.and_then(|h| h.inner().iter().find(|(k, _)| k.as_str() == name));
+    let Some((_, value)) = found else {
+        return 0;
+    };
+    match value {
+        AMQPValue::LongUInt(n) => *n,
+        AMQPValue::LongInt(n) => (*n).max(0) as u32,
+        AMQPValue::LongLongInt(n) => (*n).clamp(0, u32::MAX as i64) as u32,
+        AMQPValue::ShortInt(n) => (*n).max(0) as u32,
+        AMQPValue::ShortUInt(n) => *n as u32,
+        AMQPValue::ShortShortUInt(n) => *n as u32,
+        AMQPValue::ShortShortInt(n) => (*n).max(0) as u32,
+        _ => 0,
+    }
+}
+
+fn message_id(delivery: &Delivery) -> String {
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_default()
 }
 
 fn log_panic(done: Result<(), tokio::task::JoinError>) {

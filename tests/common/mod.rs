@@ -30,7 +30,7 @@ pub fn pg_base() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
-fn amqp_url() -> String {
+pub fn amqp_url() -> String {
     std::env::var("TOLLGATE_TEST_AMQP")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
@@ -398,10 +398,7 @@ impl Drop for TestEnv {
         }
         let db_url = self.config.database.url.clone();
         let amqp = self.config.amqp.clone();
-        let retry_queues: Vec<String> = (1..self.config.worker.max_attempts)
-            .map(|level| amqp.retry_queue(level))
-            .chain([amqp.retry_after_queue()])
-            .collect();
+        let retry_queues = amqp.delay_queues(self.config.worker.max_attempts);
         // Clean up on a thread of its own: Drop cannot await, and the test's runtime may be
         // shutting down. The broker is always the test broker, even when the test pointed the
         // front elsewhere (a test may have declared the topology there later).
