@@ -8,7 +8,7 @@ use std::{process::Stdio, time::Duration};
 use sqlx::Connection as _;
 
 use common::{
-    isolated_config,
+    fault_config,
     upstream::{FakeUpstream, Script},
     TestEnv,
 };
@@ -26,17 +26,6 @@ fn openai(name: &str, upstream: &FakeUpstream) -> ModelConfig {
     }
 }
 
-/// Fast retries and leases, so faults heal within seconds.
-fn fault_config(models: Vec<ModelConfig>) -> Config {
-    let mut config = isolated_config(models);
-    config.worker.retry_base_ms = 100;
-    config.worker.lease_seconds = 2;
-    config.server.sweep_interval_ms = 200;
-    config.server.relay_interval_ms = 100;
-    config.server.relay_grace_ms = 500;
-    config
-}
-
 /// A job's state: (status, attempt, output_text, cost, charged).
 type JobState = (String, i32, String, Option<i64>, Option<i64>);
 
@@ -48,20 +37,6 @@ async fn jobs(env: &TestEnv) -> Vec<JobState> {
     .fetch_all(&env.pool)
     .await
     .unwrap()
-}
-
-/// Waits until at least `n` jobs are in progress with some output written.
-async fn wait_until_streaming(env: &TestEnv, n: i64) {
-    env.wait_for(Duration::from_secs(20), || async {
-        let streaming: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM tollgate.jobs WHERE status = 'in_progress' AND output_text <> ''",
-        )
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-        streaming >= n
-    })
-    .await;
 }
 
 /// `tollgate worker` as a real child process, with the test's configuration in a file of its own.
@@ -257,7 +232,7 @@ async fn jobs_survive_sigkill_of_their_worker_process() {
         ids.push(env.submit_ok(&key, "slow", &format!("job {i}")).await);
     }
     // Kill it while jobs are streaming.
-    wait_until_streaming(&env, 10).await;
+    env.wait_until_streaming(10).await;
     child.process.kill().await.unwrap(); // SIGKILL
     let killed_mid_stream: i64 =
         sqlx::query_scalar("SELECT count(*) FROM tollgate.jobs WHERE status = 'in_progress'")
@@ -313,7 +288,7 @@ async fn jobs_finish_when_the_workers_postgres_connections_are_terminated() {
     for i in 0..10 {
         ids.push(env.submit_ok(&key, "slow", &format!("job {i}")).await);
     }
-    wait_until_streaming(&env, 5).await;
+    env.wait_until_streaming(5).await;
     let db = env
         .config
         .database
@@ -580,7 +555,7 @@ async fn a_duplicate_message_for_a_running_job_is_dropped_at_once() {
     env.start_worker();
     let key = env.key().await;
     let id = env.submit_ok(&key, "slow", "once").await;
-    wait_until_streaming(&env, 1).await;
+    env.wait_until_streaming(1).await;
     // A second copy of its message arrives while it runs (lease live).
     let publisher = Publisher::new(env.config.clone());
     let message =
@@ -630,7 +605,7 @@ async fn a_graceful_hand_back_does_not_use_up_an_attempt() {
     // Three rolling deploys while it streams.
     for _ in 0..3 {
         env.start_worker();
-        wait_until_streaming(&env, 1).await;
+        env.wait_until_streaming(1).await;
         env.stop_worker().await;
         let (status, _) = env.get(&key, &id).await;
         assert_eq!(status, StatusCode::OK);

@@ -18,7 +18,7 @@ use std::{
 };
 
 use common::{
-    isolated_config,
+    fault_config,
     upstream::{FakeUpstream, Script},
     TestEnv,
 };
@@ -122,17 +122,10 @@ impl OwnWorker {
     }
 }
 
-/// Fast sweeps and leases, and a delivery limit that a retry loop of a second per delivery
-/// would use up within seconds.
+/// A delivery limit that a retry loop of a second per delivery would use up within seconds.
 fn outage_config(models: Vec<ModelConfig>) -> Config {
-    let mut config = isolated_config(models);
+    let mut config = fault_config(models);
     config.amqp.delivery_limit = 3;
-    config.worker.lease_seconds = 2;
-    config.worker.retry_base_ms = 100;
-    config.worker.retry_max_ms = 1000;
-    config.server.sweep_interval_ms = 200;
-    config.server.relay_interval_ms = 100;
-    config.server.relay_grace_ms = 500;
     config
 }
 
@@ -195,15 +188,7 @@ async fn every_queued_job_completes_after_a_postgres_outage_longer_than_the_deli
 
     // A job is streaming when PostgreSQL goes away; ten more are admitted during the outage.
     let running = env.submit_ok(&key, "slow", "cut short").await;
-    env.wait_for(Duration::from_secs(20), || async {
-        sqlx::query_scalar::<_, bool>(
-            "SELECT status = 'in_progress' AND output_text <> '' FROM tollgate.jobs WHERE model = 'slow'",
-        )
-        .fetch_one(&env.pool)
-        .await
-        .unwrap()
-    })
-    .await;
+    env.wait_until_streaming(1).await;
     proxy.cut();
     let cut_at = Instant::now();
     let mut during = Vec::new();
@@ -317,15 +302,7 @@ async fn a_message_at_the_delivery_limit_is_dead_lettered_and_its_job_fails() {
     let id = env.submit_ok(&key, "slow", "handed back").await;
     for _ in 0..2 {
         env.start_worker();
-        env.wait_for(Duration::from_secs(20), || async {
-            sqlx::query_scalar::<_, bool>(
-                "SELECT status = 'in_progress' AND output_text <> '' FROM tollgate.jobs",
-            )
-            .fetch_one(&env.pool)
-            .await
-            .unwrap()
-        })
-        .await;
+        env.wait_until_streaming(1).await;
         env.stop_worker().await;
     }
     env.start_worker();

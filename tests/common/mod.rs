@@ -68,6 +68,18 @@ pub fn isolated_config(models: Vec<ModelConfig>) -> Config {
     config
 }
 
+/// Fast retries, leases, sweeps and relays, so faults heal within seconds.
+pub fn fault_config(models: Vec<ModelConfig>) -> Config {
+    let mut config = isolated_config(models);
+    config.worker.retry_base_ms = 100;
+    config.worker.retry_max_ms = 1000;
+    config.worker.lease_seconds = 2;
+    config.server.sweep_interval_ms = 200;
+    config.server.relay_interval_ms = 100;
+    config.server.relay_grace_ms = 500;
+    config
+}
+
 pub struct TestEnv {
     pub config: Arc<Config>,
     pub pool: PgPool,
@@ -285,6 +297,21 @@ impl TestEnv {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits until at least `n` jobs are in progress with some output written.
+    pub async fn wait_until_streaming(&self, n: i64) {
+        self.wait_for(Duration::from_secs(20), || async {
+            let streaming: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM tollgate.jobs
+                  WHERE status = 'in_progress' AND output_text <> ''",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+            streaming >= n
+        })
+        .await;
     }
 
     /// Messages ready in the jobs queue, or None if the queue does not exist yet.
