@@ -1,7 +1,8 @@
 //! The connection layer under slow and greedy clients, on raw connections: a head sent a byte at
 //! a time, a body shorter than its `Content-Length`, idle keep-alive connections and silent ones
-//! are cut within the configured timeouts while other clients are served; the connection cap
-//! holds; keep-alive and pipelining work; an event stream outlives every timeout.
+//! are cut within the configured timeouts while other clients are served, and so is a client that
+//! reads none of its answers; the connection cap holds; keep-alive and pipelining work; an event
+//! stream outlives every timeout; shutdown lets the request in progress finish.
 
 mod common;
 
@@ -368,4 +369,39 @@ async fn at_shutdown_requests_in_progress_finish_and_idle_connections_close() {
             assert!(read.is_empty(), "{}", String::from_utf8_lossy(&read));
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_none_of_its_answers_is_cut() {
+    let idle = 1_000;
+    let env = TestEnv::front_with(config(5_000, 5_000, idle)).await;
+    let one = b"GET /openapi.json HTTP/1.1\r\nhost: tollgate\r\n\r\n";
+    let size = reqwest::get(env.url("/openapi.json"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .len();
+    // Far more answers than the sockets' buffers hold, asked for at once and never read.
+    let count = 64 * 1024 * 1024 / size + 1;
+    let mut stream = TcpStream::connect(env.addr).await.unwrap();
+    let (mut reader, mut writer) = stream.split();
+    let requests = one.repeat(count);
+    let _ = tokio::time::timeout(Duration::from_secs(3), writer.write_all(&requests)).await;
+    tokio::time::sleep(Duration::from_millis(idle + 1_500)).await;
+    // Cut: what was written before reads back, then the end, well short of every answer.
+    let mut read = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(n) = reader.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            read += n;
+        }
+    })
+    .await
+    .expect("the connection was cut");
+    assert!(read < count * size / 2, "{read} of {} bytes", count * size);
 }
