@@ -6,9 +6,9 @@
 //!   `Content-Length`s), 431 (a head over hyper's ~400 KiB buffer or with over 100 headers), 414
 //!   (a URL over 64 KiB). hyper then closes the connection. The connection's IO ([`Wire`])
 //!   recognises that answer as it is written — the only head hyper makes on its own: a status
-//!   line, `content-length: 0`, `date` and nothing else, where every answer of the router has a
-//!   `content-type` — and writes the OpenAI-shaped one in its place. The check reads the last
-//!   bytes of a write only; everything else passes through untouched.
+//!   line, `connection: close`, `content-length: 0`, `date` and nothing else, where every answer
+//!   of the router has a `content-type` — and writes the OpenAI-shaped one in its place. The
+//!   check reads the last bytes of a write only; everything else passes through untouched.
 //! - **Slow clients.** Each connection has one timer, set from what it waits for ([`Activity`]):
 //!   the first request's head (`server.header_read_timeout_ms` from the opening), a head under way
 //!   on a kept-alive connection (the same, from its first byte), or the next request
@@ -22,8 +22,9 @@
 //! - **At most `server.max_connections` connections.** Past it the loop stops accepting: new
 //!   connections wait in the kernel's listen backlog (and are refused once it is full) until one
 //!   closes.
-//! - **Closing after an error**, the connection's write side is shut and what the client still
-//!   sends is read and dropped for a moment (a lingering close), so that a client still sending
+//! - **Closing.** When a connection ends (unless it was cut as idle or not reading), its write
+//!   side is shut and what the client still sends is read and dropped for up to two seconds (a
+//!   lingering close), so that a client still sending — an oversized body, a head hyper refused —
 //!   reads the answer instead of a reset.
 //! - **Shutdown**: the loop stops accepting, every connection finishes the request it is
 //!   answering and closes; idle ones close at once.
