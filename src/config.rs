@@ -184,6 +184,19 @@ pub struct ServerConfig {
     /// Stream readers and waiting requests are woken by LISTEN/NOTIFY; as a safety net they also
     /// re-read the job this often, in milliseconds.
     pub stream_fallback_poll_ms: u64,
+    /// A request's head (request line and headers) must arrive within this many milliseconds of
+    /// its first byte, or of the connection's opening for the first request; else 408 and close.
+    pub header_read_timeout_ms: u64,
+    /// A request's body must arrive whole within this many milliseconds of its head; else 408
+    /// (or, when no answer can be written any more, the connection is closed).
+    pub body_read_timeout_ms: u64,
+    /// A keep-alive connection waiting for its next request is closed after this many
+    /// milliseconds; so is one whose client reads nothing of its answer for as long. Answers in
+    /// progress (event streams included) are never cut by a timeout.
+    pub idle_timeout_ms: u64,
+    /// Connections served at once. Past it, new connections wait in the listen backlog until
+    /// one closes.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -201,6 +214,10 @@ impl Default for ServerConfig {
             shutdown_grace_seconds: 10,
             sync_wait_seconds: 300,
             stream_fallback_poll_ms: 2000,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 4096,
         }
     }
 }

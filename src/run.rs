@@ -1,7 +1,7 @@
 //! Starting and stopping tollgate's parts: the front (HTTP + outbox relay), the worker, or both in
 //! one process. Each runs until its shutdown token is cancelled, then drains.
 
-use std::{future::IntoFuture, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use sqlx::PgPool;
@@ -65,10 +65,8 @@ pub async fn serve(
         admission,
     };
     tracing::info!(listen = %listener.local_addr()?, "front listening");
-    let stop = shutdown.clone();
-    let server = axum::serve(listener, api::app(state))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .into_future();
+    let server_config = state.config.server.clone();
+    let server = api::serve(listener, api::app(state), &server_config, shutdown.clone());
     // Requests in progress at shutdown get a bounded time to finish.
     let grace = Duration::from_secs(config_grace);
     let deadline = async {

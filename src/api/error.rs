@@ -40,6 +40,22 @@ pub enum ApiError {
     /// 413: the body is over the configured limit.
     #[error("request body too large")]
     PayloadTooLarge,
+    /// 408: the request's head or body did not arrive in time; the connection closes.
+    #[error("The request was not received in time. Send the whole request without pausing.")]
+    RequestTimeout,
+    /// 400: hyper could not parse the request (request line, a header, conflicting
+    /// `Content-Length`s); the connection closes.
+    #[error("The request could not be parsed as HTTP/1.1: a malformed request line or header, or conflicting Content-Length headers.")]
+    MalformedRequest,
+    /// 414: a URL over hyper's 64 KiB; the connection closes.
+    #[error("The request URL is too long.")]
+    UriTooLong,
+    /// 431: a head over hyper's ~400 KiB buffer or with over 100 headers; the connection closes.
+    #[error("The request headers are too large: at most about 400 KiB and 100 headers.")]
+    HeadersTooLarge,
+    /// An extractor's plain-text rejection (its 4xx or 5xx status), given OpenAI's shape.
+    #[error("{message}")]
+    Rejected { status: StatusCode, message: String },
     /// 422: the Idempotency-Key was used before with another body.
     #[error("{0}")]
     Unprocessable(String),
@@ -148,10 +164,18 @@ impl From<Rejection> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let message = self.to_string();
-        let (status, kind, param, code) = match &self {
+impl ApiError {
+    /// The status and OpenAI's body, `{"error": {"message", "type", "param", "code"}}`. Also
+    /// written below the router, by `server.rs`.
+    pub(super) fn openai(&self) -> (StatusCode, serde_json::Value) {
+        type Parts = (
+            StatusCode,
+            &'static str,
+            Option<String>,
+            Option<&'static str>,
+        );
+        let invalid = |status| -> Parts { (status, "invalid_request_error", None, None) };
+        let (status, kind, param, code) = match self {
             ApiError::Unauthorized(_) => (
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
@@ -176,18 +200,16 @@ impl IntoResponse for ApiError {
                 param.clone(),
                 *code,
             ),
-            ApiError::MethodNotAllowed => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                "invalid_request_error",
-                None,
-                None,
-            ),
-            ApiError::PayloadTooLarge => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                None,
-                None,
-            ),
+            ApiError::MethodNotAllowed => invalid(StatusCode::METHOD_NOT_ALLOWED),
+            ApiError::PayloadTooLarge => invalid(StatusCode::PAYLOAD_TOO_LARGE),
+            ApiError::RequestTimeout => invalid(StatusCode::REQUEST_TIMEOUT),
+            ApiError::MalformedRequest => invalid(StatusCode::BAD_REQUEST),
+            ApiError::UriTooLong => invalid(StatusCode::URI_TOO_LONG),
+            ApiError::HeadersTooLarge => invalid(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+            ApiError::Rejected { status, .. } if status.is_server_error() => {
+                (*status, "server_error", None, None)
+            }
+            ApiError::Rejected { status, .. } => invalid(*status),
             ApiError::RateLimited { kind, .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 *kind,
@@ -218,33 +240,48 @@ impl IntoResponse for ApiError {
                 None,
                 Some("service_unavailable"),
             ),
-            ApiError::Internal(e) => {
-                tracing::error!(error = ?e, "internal error");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    None,
-                    None,
-                )
-            }
+            ApiError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                None,
+                None,
+            ),
         };
-        let message = match &self {
+        let message = match self {
             ApiError::Internal(_) => {
                 "The server had an error while processing your request.".into()
             }
-            _ => message,
+            _ => self.to_string(),
         };
         let body =
             json!({"error": {"message": message, "type": kind, "param": param, "code": code}});
+        (status, body)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(e) = &self {
+            tracing::error!(error = ?e, "internal error");
+        }
+        let (status, body) = self.openai();
         let mut response = (status, Json(body)).into_response();
-        if let ApiError::RateLimited {
-            retry_after: Some(secs),
-            ..
-        } = &self
-        {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+        match &self {
+            ApiError::RateLimited {
+                retry_after: Some(secs),
+                ..
+            } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+            }
+            // What is left of the request is not read: the connection cannot serve another.
+            ApiError::RequestTimeout => {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }

@@ -1,7 +1,7 @@
 //! The HTTP front: the OpenAI Responses API (background, streaming and synchronous modes) plus
 //! health endpoints.
-//! `app(state)` builds the router; serving it is the caller's business, so tests run the real
-//! router on port 0.
+//! `app(state)` builds the router; [`serve`] serves it (`server.rs`: what happens below the
+//! router — hyper's own errors, slow clients, the connection cap). Tests run both on port 0.
 
 mod error;
 mod health;
@@ -9,13 +9,18 @@ mod input_items;
 mod object;
 mod openapi;
 mod responses;
+mod server;
 mod stream;
 
 use std::sync::Arc;
 
 use axum::{
-    extract::{rejection::BytesRejection, DefaultBodyLimit},
-    http::{HeaderMap, StatusCode},
+    extract::{
+        path::ErrorKind, rejection::BytesRejection, rejection::PathRejection, DefaultBodyLimit,
+        FromRequestParts, MatchedPath, Path,
+    },
+    http::{header, request::Parts, HeaderMap, StatusCode},
+    middleware,
     response::{IntoResponse, Response},
     routing::get,
     Json, Router,
@@ -26,6 +31,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
 pub use object::response_object;
+pub use server::serve;
 pub use stream::StreamEvent;
 
 use crate::{admission::Admission, config::Config, queue::Publisher, store::notify::JobWatch};
@@ -63,7 +69,63 @@ pub fn app(state: AppState) -> Router {
         })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::map_response(openai_shaped))
         .with_state(state)
+}
+
+/// An error answered by an extractor's rejection (plain text) gets OpenAI's shape, with its status
+/// and its text as the message; every other answer passes untouched.
+async fn openai_shaped(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    // A rejection's text is a sentence; more is not read.
+    let text = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let message = match String::from_utf8_lossy(&text).trim() {
+        "" => status.canonical_reason().unwrap_or("Error").to_string(),
+        text => text.to_string(),
+    };
+    ApiError::Rejected { status, message }.into_response()
+}
+
+/// The `{id}` of a `/v1/responses/{id}…` path. An id that is not UTF-8 once percent-decoded is no
+/// job's id: it is kept with its bad bytes replaced (U+FFFD), so the handler answers it 404 as it
+/// answers any unknown id, after checking the key.
+pub(super) struct JobPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for JobPath {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(JobPath(id)),
+            Err(PathRejection::FailedToDeserializePathParams(e))
+                if matches!(e.kind(), ErrorKind::InvalidUtf8InPathParam { .. }) =>
+            {
+                Ok(JobPath(raw_id(parts).unwrap_or_default()))
+            }
+            Err(rejection) => Err(rejection.into_response()),
+        }
+    }
+}
+
+/// The `{id}` segment of the request's path, percent-decoded lossily.
+fn raw_id(parts: &Parts) -> Option<String> {
+    let route = parts.extensions.get::<MatchedPath>()?.as_str();
+    let index = route.split('/').position(|segment| segment == "{id}")?;
+    let segment = parts.uri.path().split('/').nth(index)?;
+    Some(
+        percent_encoding::percent_decode_str(segment)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
 }
 
 /// The bearer token of a request, if it has one. The scheme is case-insensitive (RFC 9110).
@@ -84,6 +146,8 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 fn body_error(rejection: BytesRejection) -> Response {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::PayloadTooLarge.into_response()
+    } else if server::is_body_timeout(&rejection) {
+        ApiError::RequestTimeout.into_response()
     } else {
         ApiError::InvalidRequest {
             message: format!("Could not read the request body: {rejection}"),

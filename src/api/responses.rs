@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::{
     body::Bytes,
-    extract::{rejection::BytesRejection, Path, RawQuery, State},
+    extract::{rejection::BytesRejection, RawQuery, State},
     http::{HeaderMap, HeaderName, HeaderValue},
     response::{IntoResponse, Response},
     Json,
@@ -30,7 +30,7 @@ use super::{
     },
     query_pairs,
     stream::Follower,
-    ApiError, AppState,
+    ApiError, AppState, JobPath,
 };
 use crate::{
     admission::{Admitted, Quota, RateReport, Rejection, Submission},
@@ -271,7 +271,7 @@ fn add_rate_headers(headers: &mut HeaderMap, rates: &RateReport) {
 async fn retrieve(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    JobPath(id): JobPath,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let (key, job) = owned_job(&state, &headers, &id).await?;
@@ -330,7 +330,7 @@ fn invalid_param(message: &str, param: &str) -> ApiError {
 async fn delete(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    JobPath(id): JobPath,
 ) -> Result<Json<Value>, ApiError> {
     let (key, job_id) = owned_id(&state, &headers, &id).await?;
     let charge = |stopping: &jobs::Stopping| billing::for_stopped(&state.config, stopping);
@@ -359,7 +359,7 @@ async fn delete(
 async fn cancel(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    JobPath(id): JobPath,
 ) -> Result<Response, ApiError> {
     let (key, job_id) = owned_id(&state, &headers, &id).await?;
     let charge = |stopping: &jobs::Stopping| billing::for_stopped(&state.config, stopping);

@@ -158,6 +158,12 @@ impl TestEnv {
         }
     }
 
+    /// Cancels the shutdown token, as SIGTERM does: the front stops accepting and drains (the
+    /// worker, if any, stops too).
+    pub fn stop_front(&self) {
+        self.shutdown.cancel();
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -465,4 +471,111 @@ impl Drop for TestEnv {
         .join()
         .unwrap();
     }
+}
+
+/// An answer read off a raw connection (see [`raw_request`]).
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON, or `Null` when it is not JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// A request as bytes: `method path HTTP/1.1`, `host`, `connection: close`, the given headers,
+/// and `content-length` when there is a body.
+pub fn http_request(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: tollgate\r\nconnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() {
+        head.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// Sends `request` as is on a new connection, while reading one answer: the server may answer
+/// before it has read everything (an oversized body); what it does not read is not an error.
+pub async fn raw_request(addr: SocketAddr, request: Vec<u8>) -> RawResponse {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut reader, mut writer) = stream.into_split();
+    let sending = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = writer.write_all(&request).await;
+        writer
+    });
+    let response = tokio::time::timeout(Duration::from_secs(20), read_response(&mut reader))
+        .await
+        .expect("an answer within 20 s")
+        .expect("an answer");
+    sending.abort();
+    response
+}
+
+/// Reads one answer: its head, then a body of its `content-length` (or, without one, up to the
+/// end of the connection). None when the connection ends before a whole head.
+pub async fn read_response<R: tokio::io::AsyncRead + Unpin>(reader: &mut R) -> Option<RawResponse> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        let n = reader.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = buf[head_end + 4..].to_vec();
+    let length = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok());
+    match length {
+        Some(length) => {
+            while body.len() < length {
+                let n = reader.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+            body.truncate(length);
+        }
+        None => {
+            let _ = reader.read_to_end(&mut body).await;
+        }
+    }
+    Some(RawResponse {
+        status,
+        headers,
+        body,
+    })
 }
