@@ -197,6 +197,9 @@ pub struct ServerConfig {
     /// Connections served at once. Past it, new connections wait in the listen backlog until
     /// one closes.
     pub max_connections: usize,
+    /// Live event streams (SSE) one key may hold open on one front process; a stream past it gets
+    /// 429 `too_many_streams`.
+    pub max_followers_per_key: usize,
 }
 
 impl Default for ServerConfig {
@@ -218,6 +221,7 @@ impl Default for ServerConfig {
             body_read_timeout_ms: 30_000,
             idle_timeout_ms: 60_000,
             max_connections: 4096,
+            max_followers_per_key: 64,
         }
     }
 }

@@ -713,6 +713,19 @@ pub fn stored_input(request: &Value) -> Result<Vec<InputItem>, InvalidRequest> {
     parse_input(request.get("input"))
 }
 
+/// The item at `index` of a stored request's `input` (`input_items` reads a page of them this
+/// way, never the whole input). A string is the user message an input given as a string stands
+/// for.
+pub fn stored_input_item(item: &Value, index: usize) -> Result<InputItem, InvalidRequest> {
+    match item {
+        Value::String(text) => Ok(InputItem::Message {
+            role: "user".into(),
+            parts: vec![text.clone()],
+        }),
+        item => parse_item(item, &format!("input[{index}]")),
+    }
+}
+
 /// A job row's `history` (absent: none).
 pub fn stored_history(history: Option<&Value>) -> Result<Vec<InputItem>, InvalidRequest> {
     match history {

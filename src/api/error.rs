@@ -72,6 +72,10 @@ pub enum ApiError {
     /// 429 `insufficient_quota`: the key's budget cannot cover the request.
     #[error("{0}")]
     InsufficientQuota(String),
+    /// 429 `too_many_streams`: the key already holds `server.max_followers_per_key` live event
+    /// streams on this front.
+    #[error("{0}")]
+    TooManyStreams(String),
     /// 503: PostgreSQL is out of reach; nothing was written, the client may retry.
     #[error("The service is temporarily unavailable. Please retry shortly.")]
     Unavailable,
@@ -233,6 +237,12 @@ impl ApiError {
                 "insufficient_quota",
                 None,
                 Some("insufficient_quota"),
+            ),
+            ApiError::TooManyStreams(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "requests",
+                None,
+                Some("too_many_streams"),
             ),
             ApiError::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,

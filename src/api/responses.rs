@@ -29,7 +29,7 @@ use super::{
         CreateResponse as CreateResponseBody, Deleted, ErrorBody, ResponseObject, StreamEventData,
     },
     query_pairs,
-    stream::Follower,
+    stream::{Follower, StreamSlot},
     ApiError, AppState, JobPath,
 };
 use crate::{
@@ -122,7 +122,8 @@ pub(super) async fn owned_job(
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 413, description = "Body over `server.max_body_bytes`", body = ErrorBody),
         (status = 422, description = "Idempotency-Key reused with another body", body = ErrorBody),
-        (status = 429, description = "A rate limit, jobs in flight, or the budget", body = ErrorBody),
+        (status = 429, description = "A rate limit, jobs in flight, the budget, or (with \
+            `stream: true`) `server.max_followers_per_key` streams already open", body = ErrorBody),
     )
 )]
 #[tracing::instrument(skip_all)]
@@ -153,6 +154,18 @@ async fn create(
         Ok((request, _)) if request.stream == Some(true) => Mode::Stream,
         Ok((request, _)) if request.background == Some(true) => Mode::Background,
         _ => Mode::Wait,
+    };
+    // A stream takes its key's slot before admission, so a refused one writes nothing. A secret
+    // that names no live key is left to admission, which refuses and counts it.
+    let slot = match mode {
+        Mode::Stream => match keys::find_live(&state.pool, secret).await? {
+            Some(key) => Some(StreamSlot::take(
+                key.id,
+                state.config.server.max_followers_per_key,
+            )?),
+            None => None,
+        },
+        Mode::Background | Mode::Wait => None,
     };
     let decision = state
         .admission
@@ -196,7 +209,14 @@ async fn create(
     };
     let mut response = match mode {
         Mode::Background => Json(object_now(&state, &job).await?).into_response(),
-        Mode::Stream => Follower::new(state, job.id, job.key_id, None).into_sse(),
+        Mode::Stream => {
+            let slot = match slot {
+                Some(slot) => slot,
+                // The key became live between the two reads.
+                None => StreamSlot::take(job.key_id, state.config.server.max_followers_per_key)?,
+            };
+            Follower::new(state, job.id, slot, None).into_sse()
+        }
         Mode::Wait => {
             let job = wait_finished(&state, job).await?;
             Json(object_now(&state, &job).await?).into_response()
@@ -265,6 +285,8 @@ fn add_rate_headers(headers: &mut HeaderMap, rates: &RateReport) {
         (status = 400, description = "Invalid `stream` or `starting_after`", body = ErrorBody),
         (status = 401, description = "No key, or an invalid one", body = ErrorBody),
         (status = 404, description = "No such response for this key", body = ErrorBody),
+        (status = 429, description = "With `stream`: the key already has \
+            `server.max_followers_per_key` streams open", body = ErrorBody),
     )
 )]
 #[tracing::instrument(skip_all, fields(job_id = %id))]
@@ -296,7 +318,8 @@ async fn retrieve(
         })?),
     };
     if stream {
-        return Ok(Follower::new(state, job.id, key.id, starting_after).into_sse());
+        let slot = StreamSlot::take(key.id, state.config.server.max_followers_per_key)?;
+        return Ok(Follower::new(state, job.id, slot, starting_after).into_sse());
     }
     Ok(Json(object_now(&state, &job).await?).into_response())
 }

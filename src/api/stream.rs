@@ -37,8 +37,20 @@
 //! and the client starts again from `starting_after=2` (or retrieves the object). A client that
 //! resumes with `starting_after` ≥ 3 after such a restart gets the new attempt's events after
 //! that number; what it had before belonged to the abandoned attempt.
+//!
+//! # Followers
+//!
+//! Each live stream holds a [`StreamSlot`] of its key for as long as its response body lives: until
+//! the stream ends, or its client goes away and the server drops the body. A key may hold
+//! `server.max_followers_per_key` slots on one front process; past that a new stream is refused
+//! with 429 `too_many_streams` before anything is read or written.
 
-use std::{convert::Infallible, time::Duration};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    sync::{LazyLock, Mutex},
+    time::Duration,
+};
 
 use axum::response::{
     sse::{Event, KeepAlive, Sse},
@@ -52,7 +64,7 @@ use super::{
         item_id, item_status, opened_item, output_item, output_text_part, response_before_output,
         response_object,
     },
-    AppState,
+    ApiError, AppState,
 };
 use crate::{
     ids::{JobId, JobStatus, KeyId},
@@ -156,83 +168,140 @@ fn piece_event(
     }
 }
 
-/// The events of `job` numbered `next` and on, as far as the rows define them, folding the newly
-/// read pieces into `output`. `read` holds the latest attempt's pieces from index
-/// `output.pieces` on (what `output` has not folded yet). Returns the events and whether the
-/// stream is complete (the terminal event is among them or before `next`).
-pub fn events_from(
-    job: &JobRow,
-    output: &mut Output,
-    read: &AttemptPieces,
-    next: u64,
-) -> (Vec<StreamEvent>, bool) {
-    let started = job.attempt >= 1;
-    let mut events: Vec<(u64, &'static str, Value)> = Vec::new();
-    let mut push = |seq: u64, kind: &'static str, data: Value| {
-        if seq >= next {
-            events.push((seq, kind, data));
-        }
-    };
-    push(
-        0,
-        "response.created",
-        json!({"response": response_before_output(job, JobStatus::Queued)}),
-    );
-    push(
-        1,
-        "response.queued",
-        json!({"response": response_before_output(job, JobStatus::Queued)}),
-    );
-    let mut complete = false;
-    if !started {
-        if job.status.is_terminal() {
+impl StreamEvent {
+    /// The events of `job` numbered `next` and on, as far as the rows define them, folding the
+    /// newly read pieces into `output`. `read` holds the latest attempt's pieces from index
+    /// `output.pieces` on (what `output` has not folded yet). Returns the events and whether the
+    /// stream is complete (the terminal event is among them or before `next`).
+    pub fn from_rows(
+        job: &JobRow,
+        output: &mut Output,
+        read: &AttemptPieces,
+        next: u64,
+    ) -> (Vec<StreamEvent>, bool) {
+        let started = job.attempt >= 1;
+        let mut events: Vec<(u64, &'static str, Value)> = Vec::new();
+        let mut push = |seq: u64, kind: &'static str, data: Value| {
+            if seq >= next {
+                events.push((seq, kind, data));
+            }
+        };
+        push(
+            0,
+            "response.created",
+            json!({"response": response_before_output(job, JobStatus::Queued)}),
+        );
+        push(
+            1,
+            "response.queued",
+            json!({"response": response_before_output(job, JobStatus::Queued)}),
+        );
+        let mut complete = false;
+        if !started {
+            if job.status.is_terminal() {
+                push(
+                    2,
+                    terminal_kind(job.status),
+                    json!({"response": response_object(job, output)}),
+                );
+                complete = true;
+            }
+        } else {
             push(
                 2,
-                terminal_kind(job.status),
-                json!({"response": response_object(job, output)}),
+                "response.in_progress",
+                json!({"response": response_before_output(job, JobStatus::InProgress)}),
             );
-            complete = true;
-        }
-    } else {
-        push(
-            2,
-            "response.in_progress",
-            json!({"response": response_before_output(job, JobStatus::InProgress)}),
-        );
-        for piece in &read.pieces {
-            let seq = FIRST_PIECE + output.pieces as u64;
-            output.apply(piece);
-            let (kind, data) = piece_event(job, output, piece, false);
-            push(seq, kind, data);
-        }
-        if job.status.is_terminal() && output.pieces >= read.total {
-            let mut seq = FIRST_PIECE + output.pieces as u64;
-            for piece in output.closing() {
-                let (kind, data) = piece_event(job, output, &piece, true);
+            for piece in &read.pieces {
+                let seq = FIRST_PIECE + output.pieces as u64;
+                output.apply(piece);
+                let (kind, data) = piece_event(job, output, piece, false);
                 push(seq, kind, data);
-                seq += 1;
             }
-            push(
-                seq,
-                terminal_kind(job.status),
-                json!({"response": response_object(job, output)}),
-            );
-            complete = true;
+            if job.status.is_terminal() && output.pieces >= read.total {
+                let mut seq = FIRST_PIECE + output.pieces as u64;
+                for piece in output.closing() {
+                    let (kind, data) = piece_event(job, output, &piece, true);
+                    push(seq, kind, data);
+                    seq += 1;
+                }
+                push(
+                    seq,
+                    terminal_kind(job.status),
+                    json!({"response": response_object(job, output)}),
+                );
+                complete = true;
+            }
+        }
+        let events = events
+            .into_iter()
+            .map(|(seq, kind, mut data)| {
+                data["type"] = json!(kind);
+                data["sequence_number"] = json!(seq);
+                StreamEvent {
+                    sequence_number: seq,
+                    kind,
+                    data,
+                }
+            })
+            .collect();
+        (events, complete)
+    }
+
+    /// The event as it is sent: `event: <type>`, then its data as one line of JSON (serde_json
+    /// escapes every newline inside a string, so the data never spans lines).
+    pub fn to_sse(&self) -> Event {
+        Event::default()
+            .event(self.kind)
+            .data(self.data.to_string())
+    }
+}
+
+/// How many live streams each key holds on this front process. A process-wide map rather than a
+/// field of the state: a front is one process, and keys are unique, so fronts sharing a process
+/// (as in tests) never share an entry.
+static LIVE_STREAMS: LazyLock<Mutex<HashMap<KeyId, usize>>> = LazyLock::new(Default::default);
+
+/// One of a key's live streams on this front; dropping it gives the place back.
+#[derive(Debug)]
+pub struct StreamSlot {
+    key_id: KeyId,
+}
+
+impl StreamSlot {
+    /// A place for one more stream of `key_id`, or 429 `too_many_streams` when the key already
+    /// holds `max` of them.
+    pub fn take(key_id: KeyId, max: usize) -> Result<Self, ApiError> {
+        let mut live = LIVE_STREAMS
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = live.entry(key_id).or_default();
+        if *count >= max {
+            if *count == 0 {
+                live.remove(&key_id);
+            }
+            return Err(ApiError::TooManyStreams(format!(
+                "Too many streams: this key already has {max} streams open, the most allowed. \
+                 Close one, or poll the response instead."
+            )));
+        }
+        *count += 1;
+        Ok(Self { key_id })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut live = LIVE_STREAMS
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = live.get_mut(&self.key_id) {
+            *count -= 1;
+            if *count == 0 {
+                live.remove(&self.key_id);
+            }
         }
     }
-    let events = events
-        .into_iter()
-        .map(|(seq, kind, mut data)| {
-            data["type"] = json!(kind);
-            data["sequence_number"] = json!(seq);
-            StreamEvent {
-                sequence_number: seq,
-                kind,
-                data,
-            }
-        })
-        .collect();
-    (events, complete)
 }
 
 /// A reader of one job's events: reads what the rows hold after `next`, then waits for a change.
@@ -248,13 +317,16 @@ pub struct Follower {
     streamed_attempt: Option<i32>,
     subscription: Subscription,
     done: bool,
+    /// Given back when the stream's body is dropped.
+    _slot: StreamSlot,
 }
 
 impl Follower {
-    /// A reader of the events after `starting_after` (all of them when `None`). Subscribes before
-    /// the first read, so no change is missed.
-    pub fn new(state: AppState, id: JobId, key_id: KeyId, starting_after: Option<u64>) -> Self {
+    /// A reader of the events after `starting_after` (all of them when `None`), holding `slot`
+    /// (its key's). Subscribes before the first read, so no change is missed.
+    pub fn new(state: AppState, id: JobId, slot: StreamSlot, starting_after: Option<u64>) -> Self {
         let subscription = state.watch.subscribe(id);
+        let key_id = slot.key_id;
         Self {
             state,
             id,
@@ -265,6 +337,7 @@ impl Follower {
             streamed_attempt: None,
             subscription,
             done: false,
+            _slot: slot,
         }
     }
 
@@ -324,7 +397,7 @@ impl Follower {
         } else {
             AttemptPieces::default()
         };
-        let (events, complete) = events_from(&job, &mut self.output, &read, self.next);
+        let (events, complete) = StreamEvent::from_rows(&job, &mut self.output, &read, self.next);
         if let Some(last) = events.last() {
             self.next = last.sequence_number + 1;
         }
@@ -351,13 +424,7 @@ impl Follower {
             Some((stream::iter(batch), follower))
         })
         .flatten()
-        .map(|event| {
-            Ok::<_, Infallible>(
-                Event::default()
-                    .event(event.kind)
-                    .data(event.data.to_string()),
-            )
-        });
+        .map(|event| Ok::<_, Infallible>(event.to_sse()));
         Sse::new(events)
             .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
             .into_response()
@@ -413,7 +480,7 @@ mod tests {
             pieces: pieces.to_vec(),
             total: pieces.len(),
         };
-        events_from(job, &mut Output::default(), &read, next)
+        StreamEvent::from_rows(job, &mut Output::default(), &read, next)
     }
 
     fn kinds(events: &[StreamEvent]) -> Vec<&str> {
@@ -490,11 +557,11 @@ mod tests {
                 created_at: done.created_at,
                 ..running
             };
-            let (batch, _) = events_from(&running, &mut output, &read, next);
+            let (batch, _) = StreamEvent::from_rows(&running, &mut output, &read, next);
             next = batch.last().map_or(next, |e| e.sequence_number + 1);
             seen.extend(batch);
         }
-        let (rest, complete) = events_from(
+        let (rest, complete) = StreamEvent::from_rows(
             &done,
             &mut output,
             &AttemptPieces {

@@ -684,3 +684,98 @@ pub async fn output(pool: &PgPool, job: &JobRow) -> Result<Output, sqlx::Error> 
     let read = attempt_pieces(pool, job.id, job.attempt, 0).await?;
     Ok(Output::from_pieces(&read.pieces))
 }
+
+/// Which input items [`input_slice`] reads: at most `count` with an index strictly between `lo`
+/// and `hi` (None: from the start, to the end), from the lowest up or, when `descending`, from
+/// the highest down; and the kinds of the items at the indices `kinds_at` (the caller's cursors).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InputWindow {
+    pub lo: Option<usize>,
+    pub hi: Option<usize>,
+    pub descending: bool,
+    pub count: usize,
+    pub kinds_at: [Option<usize>; 2],
+}
+
+/// A window of a job's input items, as [`input_slice`] reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputSlice {
+    /// How many items the input holds (an input given as a string is one).
+    pub total: usize,
+    /// The items of the window, in the order asked, each with its index in the input.
+    pub items: Vec<(usize, Value)>,
+    /// The `type` of the items at the indices of `kinds_at` (`message` for a message that leaves
+    /// it out); None for an index past the end.
+    pub kinds: [Option<String>; 2],
+}
+
+#[derive(sqlx::FromRow)]
+struct InputSliceRow {
+    total: i64,
+    first_kind: Option<String>,
+    second_kind: Option<String>,
+    items: Json<Vec<(i64, Value)>>,
+}
+
+/// The `window` of the input items of the job `id` of `key_id`; None when the key has no such
+/// job.
+///
+/// The input is sliced in PostgreSQL: a job may hold thousands of items, and only the window is
+/// sent and parsed. The input is extracted once (`MATERIALIZED`), so PostgreSQL reads the stored
+/// request once, not once per item.
+#[tracing::instrument(skip_all, fields(job_id = %id, key_id = %key_id))]
+pub async fn input_slice(
+    pool: &PgPool,
+    id: JobId,
+    key_id: KeyId,
+    window: InputWindow,
+) -> Result<Option<InputSlice>, sqlx::Error> {
+    let index = |i: Option<usize>| i.map(|i| i64::try_from(i).unwrap_or(i64::MAX));
+    let row: Option<InputSliceRow> = sqlx::query_as(
+        "WITH job AS MATERIALIZED (
+             SELECT CASE jsonb_typeof(request -> 'input') WHEN 'array' THEN request -> 'input'
+                         ELSE jsonb_build_array(request -> 'input') END AS input
+               FROM tollgate.jobs
+              WHERE id = $1 AND key_id = $2
+         ), window_ AS (
+             SELECT input, jsonb_array_length(input)::bigint AS total,
+                    greatest(coalesce($3, -1), -1) AS lo,
+                    least(coalesce($4, jsonb_array_length(input)), jsonb_array_length(input))
+                        AS hi
+               FROM job
+         )
+         SELECT total,
+                CASE WHEN $7 < total THEN coalesce(input -> $7::int ->> 'type', 'message') END
+                    AS first_kind,
+                CASE WHEN $8 < total THEN coalesce(input -> $8::int ->> 'type', 'message') END
+                    AS second_kind,
+                (SELECT coalesce(jsonb_agg(jsonb_build_array(i, input -> i::int) ORDER BY n), '[]')
+                   FROM generate_series(
+                            CASE WHEN $5 THEN hi - 1 ELSE lo + 1 END,
+                            CASE WHEN $5 THEN greatest(lo + 1, hi - $6)
+                                 ELSE least(hi - 1, lo + $6) END,
+                            CASE WHEN $5 THEN -1 ELSE 1 END) WITH ORDINALITY AS s(i, n))
+                    AS items
+           FROM window_",
+    )
+    .bind(id)
+    .bind(key_id)
+    .bind(index(window.lo))
+    .bind(index(window.hi))
+    .bind(window.descending)
+    .bind(index(Some(window.count)))
+    .bind(index(window.kinds_at[0]))
+    .bind(index(window.kinds_at[1]))
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|row| InputSlice {
+        total: row.total as usize,
+        items: row
+            .items
+            .0
+            .into_iter()
+            .map(|(i, item)| (i as usize, item))
+            .collect(),
+        kinds: [row.first_kind, row.second_kind],
+    }))
+}
