@@ -443,6 +443,8 @@ fn text_parts(parts: &[Value], path: &str) -> Result<Vec<String>, InvalidRequest
                 // derived from the text.
                 "output_text" => {
                     part.known(&["type", "text", "annotations", "logprobs", "parsed"])?;
+                    part.array("annotations")?;
+                    part.array("logprobs")?;
                     Ok(part.required_string("text")?.to_string())
                 }
                 "refusal" => {
@@ -477,6 +479,9 @@ pub fn parse_items(items: &[Value], path: &str) -> Result<Vec<InputItem>, Invali
 
 fn parse_item(item: &Value, path: &str) -> Result<InputItem, InvalidRequest> {
     let fields = Fields::of(item, path)?;
+    // An item sent back as it was answered carries its `id` and `status`; they are not read.
+    fields.string("id")?;
+    fields.string("status")?;
     // A message may leave out its type (the SDK's "easy input message").
     let kind = match fields.string("type")? {
         Some(kind) => kind,

@@ -259,3 +259,83 @@ async fn retention_removes_old_finished_jobs_and_keeps_the_rest() {
         .unwrap()
         .is_empty());
 }
+
+/// Numbers at the edges of f64 in a request (the largest, the smallest subnormal, long integers)
+/// come back from the stored request as they went in: PostgreSQL writes them as long decimals,
+/// which are read back exactly. (They once read back as out of range: the job could not be run,
+/// nor read by the client.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_at_the_edges_of_f64_round_trip_through_the_stored_request() {
+    let env = TestEnv::start(vec![ModelConfig::mock("mock-1")]).await;
+    let key = env.key().await;
+    let parameters = serde_json::json!({
+        "type": "object",
+        "x-edges": [f64::MAX, -f64::MAX, f64::MIN_POSITIVE, 5e-324, 1.7976931348623155e308,
+                    3.034363449700295e193, -7.59998499699e11, 123456789012345678901234567890.0,
+                    18446744073709551615u64, -9223372036854775808i64],
+    });
+    let (status, body) = env
+        .submit(
+            &key,
+            serde_json::json!({
+                "model": "mock-1", "input": "hi", "background": true,
+                "tools": [{"type": "function", "name": "f", "parameters": parameters}],
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["id"].as_str().unwrap();
+    let done = env.poll_until_done(&key, id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["tools"][0]["parameters"], parameters, "{done}");
+}
+
+/// A job row the worker cannot read (here a number no f64 holds, written by hand as a tool of
+/// an older build or an operator might) fails with `server_error` and gives back what admission
+/// took; its message goes to the dead-letter queue saying why, instead of coming back forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_row_cannot_be_read_fails_instead_of_coming_back() {
+    let mut env = TestEnv::front_only(vec![ModelConfig::mock("mock-1")]).await;
+    let key = env.key().await;
+    let id = env.submit_ok(&key, "mock-1", "unreadable").await;
+    let uuid = JobId::parse_public(&id).unwrap().0;
+    sqlx::query(
+        "UPDATE tollgate.jobs SET request = jsonb_set(request, '{temperature}', '1e400'::jsonb)
+          WHERE id = $1",
+    )
+    .bind(uuid)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    env.start_worker();
+    env.wait_for(Duration::from_secs(20), || async {
+        env.dead_letter_depth().await == Some(1)
+    })
+    .await;
+    let (status, attempt, _, events) = job_state(&env, &id).await;
+    assert_eq!(
+        (status.as_str(), events),
+        ("failed", 0),
+        "attempt {attempt}"
+    );
+    let error: serde_json::Value =
+        sqlx::query_scalar("SELECT error FROM tollgate.jobs WHERE id = $1")
+            .bind(uuid)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(error["code"], "server_error", "{error}");
+    let (in_flight, reserved, _) = env.counters_of(&key).await;
+    assert_eq!(
+        (in_flight, reserved),
+        (0, 0),
+        "the slot and reservation were given back"
+    );
+    let reasons = dead_letter_reasons(&env).await;
+    assert_eq!(reasons.len(), 1);
+    assert!(
+        reasons[0].starts_with("the job's row cannot be read"),
+        "{reasons:?}"
+    );
+    assert_eq!(env.queue_depth().await, Some(0));
+}

@@ -52,7 +52,7 @@ pub fn app(state: AppState) -> Router {
     let (responses, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(responses::router())
         .split_for_parts();
-    let document = Arc::new(document);
+    let document = Arc::new(openapi::document(&document, &state.config));
     Router::new()
         .merge(responses)
         .merge(health::router())

@@ -310,12 +310,18 @@ async fn retrieve(
     };
     let starting_after = match query.get("starting_after") {
         None => None,
-        Some(n) => Some(n.parse::<u64>().map_err(|_| {
-            invalid_param(
-                "`starting_after` must be a non-negative integer.",
-                "starting_after",
-            )
-        })?),
+        // A JSON integer as OpenAPI's `int64` has it, never negative.
+        Some(n) => Some(
+            n.parse::<i64>()
+                .ok()
+                .and_then(|n| u64::try_from(n).ok())
+                .ok_or_else(|| {
+                    invalid_param(
+                        "`starting_after` must be an integer from 0 to 2^63 - 1.",
+                        "starting_after",
+                    )
+                })?,
+        ),
     };
     if stream {
         let slot = StreamSlot::take(key.id, state.config.server.max_followers_per_key)?;

@@ -459,6 +459,25 @@ pub async fn fail_queued(
     Ok(failed == 1)
 }
 
+/// Fails a job that is not finished whatever its attempt, when its row cannot be read (a worker
+/// that cannot read a job cannot run it, nor fence it by attempt): error code `server_error`.
+/// The trigger gives back its slot and reservation. False when it had already finished.
+#[tracing::instrument(skip_all, fields(job_id = %id))]
+pub async fn fail_unreadable(pool: &PgPool, id: JobId, message: &str) -> Result<bool, sqlx::Error> {
+    let failed = sqlx::query(
+        "UPDATE tollgate.jobs
+            SET status = 'failed', finished_at = now(), updated_at = now(), lease_until = NULL,
+                error = jsonb_build_object('code', 'server_error', 'message', $2::text)
+          WHERE id = $1 AND status IN ('queued', 'in_progress')",
+    )
+    .bind(id)
+    .bind(message)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(failed == 1)
+}
+
 /// Gives a claimed job back (`in_progress → queued`) when its worker stops before finishing it,
 /// so the next delivery claims it at once instead of waiting for the lease to lapse. What the
 /// attempt cost so far is added to the job's cost; the hand-back is counted in `handbacks`, so it

@@ -35,6 +35,20 @@ use crate::{
 pub(super) async fn run(worker: &Worker, id: JobId, abort: &CancellationToken) -> Disposition {
     match run_inner(worker, id, abort).await {
         Ok(disposition) => disposition,
+        // The row holds something this build cannot read: retrying cannot help, and the job
+        // would come back at every lease. It fails (its slot and reservation given back; the
+        // provider was not called) and its message is kept in the dead-letter queue.
+        Err(e @ (sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_))) => {
+            tracing::error!(job_id = %id, error = %e, "the job's row cannot be read; failing it");
+            let reason = format!("the job's row cannot be read: {e}");
+            match jobs::fail_unreadable(&worker.pool, id, &reason).await {
+                Ok(_) => Disposition::DeadLetter(reason),
+                Err(e) => {
+                    tracing::warn!(job_id = %id, error = %e, "could not fail the unreadable job; its message waits and comes back");
+                    Disposition::DatabaseDown
+                }
+            }
+        }
         Err(e) => {
             tracing::warn!(job_id = %id, error = %e, "database error while running job; its message waits and comes back");
             Disposition::DatabaseDown

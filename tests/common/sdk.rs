@@ -1,6 +1,7 @@
-//! The official OpenAI Python SDK as a test client: a virtualenv in the project directory with
-//! the SDK pinned in `tests/sdk/requirements.txt` (installed on first run, and again whenever the
-//! requirements change), and a runner for the scripts in `tests/sdk/`.
+//! Python clients of the tests, each in a virtualenv of the project directory with its pinned
+//! requirements (installed on first run, and again whenever the requirements change): the
+//! official OpenAI Python SDK (`.venv`, `tests/sdk/requirements.txt`) with a runner for the
+//! scripts in `tests/sdk/`, and schemathesis (`.venv-schemathesis`).
 
 use std::{
     fs,
@@ -19,14 +20,21 @@ fn run(command: &mut Command) {
     assert!(status.success(), "{command:?} failed: {status}");
 }
 
-/// The virtualenv's python, with the pinned requirements installed. A lock file serialises
-/// concurrent test runs; a copy of the requirements inside the venv marks a finished install.
+/// The virtualenv's python, with the OpenAI SDK installed (`tests/sdk/requirements.txt`).
 pub fn python_with_sdk() -> PathBuf {
+    python_with(".venv", "tests/sdk/requirements.txt")
+}
+
+/// The python of the virtualenv `venv` (a directory of the project), with the pinned
+/// `requirements` (a file of the project) installed. A lock file serialises concurrent test
+/// runs; a copy of the requirements inside the venv marks a finished install.
+pub fn python_with(venv: &str, requirements: &str) -> PathBuf {
     let project = project();
-    let venv = project.join(".venv");
+    let venv = project.join(venv);
     let python = venv.join("bin/python");
-    let requirements = project.join("tests/sdk/requirements.txt");
-    let wanted = fs::read_to_string(&requirements).expect("tests/sdk/requirements.txt");
+    let requirements = project.join(requirements);
+    let wanted = fs::read_to_string(&requirements)
+        .unwrap_or_else(|e| panic!("{}: {e}", requirements.display()));
     let marker = venv.join("tollgate-requirements.txt");
     let lock = fs::File::create(Path::new(env!("CARGO_TARGET_TMPDIR")).join("venv.lock"))
         .expect("lock file");
@@ -36,7 +44,7 @@ pub fn python_with_sdk() -> PathBuf {
     }
     let python3 = which("python3").unwrap_or_else(|| {
         panic!(
-            "python3 is needed for the OpenAI SDK test: install it (Debian: apt-get install \
+            "python3 is needed for the Python clients of the tests: install it (Debian: apt-get install \
              python3 python3-venv)"
         )
     });
