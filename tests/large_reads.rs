@@ -31,17 +31,6 @@ fn prefix(i: usize) -> &'static str {
     }
 }
 
-async fn page(env: &TestEnv, key: &str, id: &str, query: &str) -> (StatusCode, Value) {
-    let resp = env
-        .http
-        .get(env.url(&format!("/v1/responses/{id}/input_items{query}")))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    (resp.status(), resp.json().await.unwrap())
-}
-
 /// The indices of a page's items, checking each id names its job and its kind.
 fn indices(list: &Value, job: &str) -> Vec<usize> {
     let hex = job.strip_prefix("resp_").unwrap();
@@ -79,7 +68,7 @@ async fn a_large_input_is_paged_like_a_small_one() {
     let last = ITEMS - 1;
 
     // The newest item by default, the oldest in ascending order.
-    let (status, newest) = page(&env, &key, id, "?limit=1").await;
+    let (status, newest) = env.input_items(&key, id, "?limit=1").await;
     assert_eq!(status, StatusCode::OK, "{newest}");
     assert_eq!(indices(&newest, id), [last]);
     assert_eq!(newest["first_id"], newest["data"][0]["id"]);
@@ -89,12 +78,12 @@ async fn a_large_input_is_paged_like_a_small_one() {
         newest["data"][0]["content"],
         json!([{"type": "input_text", "text": format!("message {last}")}])
     );
-    let (_, oldest) = page(&env, &key, id, "?limit=1&order=asc").await;
+    let (_, oldest) = env.input_items(&key, id, "?limit=1&order=asc").await;
     assert_eq!(indices(&oldest, id), [0]);
     assert_eq!(oldest["has_more"], true);
 
     // Each kind of item reads back whole.
-    let (_, some) = page(&env, &key, id, "?limit=4&order=asc").await;
+    let (_, some) = env.input_items(&key, id, "?limit=4&order=asc").await;
     assert_eq!(indices(&some, id), [0, 1, 2, 3]);
     assert_eq!(some["first_id"], format!("msg_{hex}_0"));
     assert_eq!(some["last_id"], format!("fc_{hex}_3"));
@@ -103,13 +92,9 @@ async fn a_large_input_is_paged_like_a_small_one() {
         json!({"type": "function_call", "id": format!("fc_{hex}_3"), "status": "completed",
                "call_id": "call_3", "name": "f", "arguments": "{\"i\":3}"})
     );
-    let (_, tail) = page(
-        &env,
-        &key,
-        id,
-        &format!("?order=asc&after=fc_{hex}_3&limit=2"),
-    )
-    .await;
+    let (_, tail) = env
+        .input_items(&key, id, &format!("?order=asc&after=fc_{hex}_3&limit=2"))
+        .await;
     assert_eq!(indices(&tail, id), [4, 5]);
     assert_eq!(tail["data"][0]["output"], "out 4");
     assert_eq!(
@@ -118,31 +103,31 @@ async fn a_large_input_is_paged_like_a_small_one() {
     );
 
     // The last page has no more; a window between two cursors, in both orders.
-    let (_, end) = page(
-        &env,
-        &key,
-        id,
-        &format!("?order=asc&after={}_{hex}_{}", prefix(last - 2), last - 2),
-    )
-    .await;
+    let (_, end) = env
+        .input_items(
+            &key,
+            id,
+            &format!("?order=asc&after={}_{hex}_{}", prefix(last - 2), last - 2),
+        )
+        .await;
     assert_eq!(indices(&end, id), [last - 1, last]);
     assert_eq!(end["has_more"], false);
-    let (_, between) = page(
-        &env,
-        &key,
-        id,
-        &format!("?after=msg_{hex}_100&before=msg_{hex}_90"),
-    )
-    .await;
+    let (_, between) = env
+        .input_items(
+            &key,
+            id,
+            &format!("?after=msg_{hex}_100&before=msg_{hex}_90"),
+        )
+        .await;
     assert_eq!(indices(&between, id), (91..100).rev().collect::<Vec<_>>());
     assert_eq!(between["has_more"], false);
-    let (_, between) = page(
-        &env,
-        &key,
-        id,
-        &format!("?order=asc&after=msg_{hex}_90&before=msg_{hex}_100&limit=5"),
-    )
-    .await;
+    let (_, between) = env
+        .input_items(
+            &key,
+            id,
+            &format!("?order=asc&after=msg_{hex}_90&before=msg_{hex}_100&limit=5"),
+        )
+        .await;
     assert_eq!(indices(&between, id), [91, 92, 93, 94, 95]);
     assert_eq!(between["has_more"], true);
 
@@ -155,10 +140,12 @@ async fn a_large_input_is_paged_like_a_small_one() {
         format!("msg_{}_1", "0".repeat(32)),
         "nonsense".into(),
     ] {
-        let (status, error) = page(&env, &key, id, &format!("?after={cursor}")).await;
+        let (status, error) = env.input_items(&key, id, &format!("?after={cursor}")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{cursor}: {error}");
         assert_eq!(error["error"]["param"], "after");
-        let (status, error) = page(&env, &key, id, &format!("?before={cursor}")).await;
+        let (status, error) = env
+            .input_items(&key, id, &format!("?before={cursor}"))
+            .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{cursor}: {error}");
         assert_eq!(error["error"]["param"], "before");
     }
@@ -167,7 +154,7 @@ async fn a_large_input_is_paged_like_a_small_one() {
     let mut seen = Vec::new();
     let mut query = "?limit=100".to_string();
     loop {
-        let (status, list) = page(&env, &key, id, &query).await;
+        let (status, list) = env.input_items(&key, id, &query).await;
         assert_eq!(status, StatusCode::OK, "{list}");
         seen.extend(indices(&list, id));
         if list["has_more"] == false {
@@ -184,21 +171,21 @@ async fn a_missing_job_is_a_404_whatever_the_query() {
     let key = env.key().await;
     let missing = format!("resp_{}", "0".repeat(32));
     for query in ["", "?limit=0", "?order=sideways", "?after=nonsense"] {
-        let (status, error) = page(&env, &key, &missing, query).await;
+        let (status, error) = env.input_items(&key, &missing, query).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{query}: {error}");
     }
     // A string input is one item.
     let id = env.submit_ok(&key, "mock-1", "just a string").await;
-    let (_, list) = page(&env, &key, &id, "?limit=1").await;
+    let (_, list) = env.input_items(&key, &id, "?limit=1").await;
     assert_eq!(indices(&list, &id), [0]);
     assert_eq!(list["has_more"], false);
-    let (_, list) = page(
-        &env,
-        &key,
-        &id,
-        &format!("?after={}", list["first_id"].as_str().unwrap()),
-    )
-    .await;
+    let (_, list) = env
+        .input_items(
+            &key,
+            &id,
+            &format!("?after={}", list["first_id"].as_str().unwrap()),
+        )
+        .await;
     assert_eq!(list["data"], json!([]));
     assert_eq!(list["first_id"], Value::Null);
 }

@@ -461,23 +461,12 @@ async fn a_follower_of_a_deleted_job_ends() {
     assert_eq!(events[2].data["sequence_number"], 2);
 }
 
-async fn input_items(env: &TestEnv, key: &str, id: &str, query: &str) -> (StatusCode, Value) {
-    let resp = env
-        .http
-        .get(env.url(&format!("/v1/responses/{id}/input_items{query}")))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    (resp.status(), resp.json().await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn input_items_list_the_stored_input() {
     let env = TestEnv::front_only(vec![ModelConfig::mock("mock-1")]).await;
     let key = env.key().await;
     let id = env.submit_ok(&key, "mock-1", "just a string").await;
-    let (status, list) = input_items(&env, &key, &id, "").await;
+    let (status, list) = env.input_items(&key, &id, "").await;
     assert_eq!(status, StatusCode::OK, "{list}");
     assert_eq!(list["object"], "list");
     assert_eq!(list["has_more"], false);
@@ -507,7 +496,7 @@ async fn input_items_list_the_stored_input() {
         )
         .await;
     let id = created["id"].as_str().unwrap();
-    let (_, list) = input_items(&env, &key, id, "").await;
+    let (_, list) = env.input_items(&key, id, "").await;
     let roles: Vec<&str> = list["data"]
         .as_array()
         .unwrap()
@@ -515,7 +504,7 @@ async fn input_items_list_the_stored_input() {
         .map(|i| i["role"].as_str().unwrap())
         .collect();
     assert_eq!(roles, ["assistant", "user", "developer"], "newest first");
-    let (_, asc) = input_items(&env, &key, id, "?order=asc&limit=2").await;
+    let (_, asc) = env.input_items(&key, id, "?order=asc&limit=2").await;
     assert_eq!(asc["data"][0]["role"], "developer");
     assert_eq!(
         asc["data"][1]["content"],
@@ -523,14 +512,16 @@ async fn input_items_list_the_stored_input() {
     );
     assert_eq!(asc["has_more"], true);
     let after = asc["last_id"].as_str().unwrap();
-    let (_, next) = input_items(&env, &key, id, &format!("?order=asc&after={after}")).await;
+    let (_, next) = env
+        .input_items(&key, id, &format!("?order=asc&after={after}"))
+        .await;
     assert_eq!(next["data"].as_array().unwrap().len(), 1);
     assert_eq!(
         next["data"][0]["content"],
         json!([{"type": "output_text", "text": "a", "annotations": []}])
     );
     assert_eq!(next["has_more"], false);
-    let (status, error) = input_items(&env, &key, id, "?limit=0").await;
+    let (status, error) = env.input_items(&key, id, "?limit=0").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error["error"]["param"], "limit");
 }

@@ -437,40 +437,47 @@ const EXPIRE_BATCH: u64 = 1000;
 /// Fails a job that is still `queued` (its message cannot be delivered any more), with `code` and
 /// `message` as its error; the trigger gives back its slot and reservation. False when it was not
 /// queued.
-#[tracing::instrument(skip_all, fields(job_id = %id, code))]
 pub async fn fail_queued(
     pool: &PgPool,
     id: JobId,
     code: &str,
     message: &str,
 ) -> Result<bool, sqlx::Error> {
-    let failed = sqlx::query(
-        "UPDATE tollgate.jobs
-            SET status = 'failed', finished_at = now(), updated_at = now(),
-                error = jsonb_build_object('code', $2::text, 'message', $3::text)
-          WHERE id = $1 AND status = 'queued'",
-    )
-    .bind(id)
-    .bind(code)
-    .bind(message)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    Ok(failed == 1)
+    fail(pool, id, &["queued"], code, message).await
 }
 
 /// Fails a job that is not finished whatever its attempt, when its row cannot be read (a worker
 /// that cannot read a job cannot run it, nor fence it by attempt): error code `server_error`.
 /// The trigger gives back its slot and reservation. False when it had already finished.
-#[tracing::instrument(skip_all, fields(job_id = %id))]
 pub async fn fail_unreadable(pool: &PgPool, id: JobId, message: &str) -> Result<bool, sqlx::Error> {
+    fail(
+        pool,
+        id,
+        &["queued", "in_progress"],
+        "server_error",
+        message,
+    )
+    .await
+}
+
+/// Fails the job if its status is one of `from`, with `code` and `message` as its error.
+#[tracing::instrument(skip(pool, message), fields(job_id = %id))]
+async fn fail(
+    pool: &PgPool,
+    id: JobId,
+    from: &[&str],
+    code: &str,
+    message: &str,
+) -> Result<bool, sqlx::Error> {
     let failed = sqlx::query(
         "UPDATE tollgate.jobs
             SET status = 'failed', finished_at = now(), updated_at = now(), lease_until = NULL,
-                error = jsonb_build_object('code', 'server_error', 'message', $2::text)
-          WHERE id = $1 AND status IN ('queued', 'in_progress')",
+                error = jsonb_build_object('code', $3::text, 'message', $4::text)
+          WHERE id = $1 AND status::text = ANY($2)",
     )
     .bind(id)
+    .bind(from)
+    .bind(code)
     .bind(message)
     .execute(pool)
     .await?

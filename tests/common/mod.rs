@@ -287,6 +287,18 @@ impl TestEnv {
         (resp.status(), resp.json().await.expect("JSON body"))
     }
 
+    /// `GET /v1/responses/{id}/input_items{query}` (`query` empty or starting with `?`).
+    pub async fn input_items(&self, secret: &str, id: &str, query: &str) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .get(self.url(&format!("/v1/responses/{id}/input_items{query}")))
+            .bearer_auth(secret)
+            .send()
+            .await
+            .expect("front answers");
+        (resp.status(), resp.json().await.expect("JSON body"))
+    }
+
     /// Polls a job until it reaches a terminal status.
     pub async fn poll_until_done(&self, secret: &str, id: &str) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
