@@ -1,23 +1,29 @@
 //! Admission: the one place that decides whether a request becomes a job.
 //!
-//! Before any transaction: authenticate the key, validate the body, resolve the model, check the
-//! allow-list, estimate the input tokens and run the guardrails (a webhook may take a while; no
-//! lock is held meanwhile). Then ONE PostgreSQL transaction, five round trips when no limit trips:
+//! Before PostgreSQL is asked: authenticate the key, validate the body, resolve the model, check
+//! the allow-list, estimate the input tokens and run the guardrails (a webhook may take a while; no
+//! lock is held meanwhile). Then ONE statement on an autocommit connection, one round trip:
+//! `SELECT * FROM tollgate.admit(…)`, a PL/pgSQL function (migration
+//! `20261130000001_admit_in_one_statement.sql`) that, in its single transaction,
 //!
-//! 1. `BEGIN`
-//! 2. lock the key's counter row (`FOR UPDATE`) — this serialises every admission of the key, so
-//!    each check below sees every admission committed before it (with an `Idempotency-Key`, one
-//!    more statement looks it up; a hit returns the first job and changes nothing);
-//! 3. count the request and its estimated tokens in the key's one-minute window (only for keys
-//!    with rpm/tpm limits) and check them;
-//! 4. take the in-flight slot and the worst-case budget reservation, insert the job (`queued`) and
-//!    its outbox row, in one statement;
-//! 5. `COMMIT`.
+//! 1. locks the key's counter row (`FOR UPDATE`), re-checking that the key is live — this
+//!    serialises every admission of the key, and each later statement of the function takes a
+//!    fresh snapshot, so it sees every admission committed before it;
+//! 2. with an `Idempotency-Key`, looks it up: a hit returns the first job (or a mismatch) and
+//!    changes nothing;
+//! 3. counts the request and its estimated tokens in the key's one-minute window (keys with
+//!    rpm/tpm limits) and in the model's shared window (models with limits; the upsert locks that
+//!    row), rolls the budget period over when it has ended, and checks the windows, the in-flight
+//!    slots and the budget;
+//! 4. takes the in-flight slot and the worst-case budget reservation, and inserts the job
+//!    (`queued`) and its outbox row.
 //!
-//! A model with its own rpm/tpm limits adds one statement (its shared window row, locked until
-//! commit); a budget whose period rolled over adds one. Any rejection rolls the transaction back,
-//! so a rejected request leaves nothing behind; it is then counted in `tollgate.rejections` and in
-//! the metrics. Nothing after this point (the worker, a redelivery) runs admission again.
+//! Step 3 runs in a block whose exception handler catches the function's own rejection
+//! (`SQLSTATE TGREJ`): a rejection undoes every count of the block, and the function returns the
+//! outcome with the figures it saw, so a rejected request leaves nothing behind. It is then
+//! counted in `tollgate.rejections` and in the metrics. Nothing after this point (the worker, a
+//! redelivery) runs admission again. What admission takes is given back by the triggers of
+//! `20261124000002_exact_admission.sql` when the job reaches a terminal state or is deleted.
 
 pub mod guardrails;
 
@@ -26,7 +32,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
@@ -171,16 +177,22 @@ pub struct Admission {
     guardrails: Guardrails,
 }
 
-/// The key's row and live counters, locked for the admission transaction.
+/// What `tollgate.admit` answers (see its migration): the outcome, the key's window for the
+/// headers, and what a rejection tripped.
 #[derive(Debug, sqlx::FromRow)]
-struct LockedKey {
-    #[sqlx(flatten)]
-    key: keys::ApiKey,
-    in_flight: i32,
-    reserved_micro_usd: i64,
-    spent_micro_usd: i64,
-    period_start: Option<DateTime<Utc>>,
-    current_period: Option<DateTime<Utc>>,
+struct Admit {
+    outcome: String,
+    job_id: Option<Uuid>,
+    outbox_id: Option<i64>,
+    created_at: Option<DateTime<Utc>>,
+    rpm_limit: Option<i32>,
+    tpm_limit: Option<i32>,
+    window_requests: Option<i32>,
+    window_tokens: Option<i64>,
+    window_start: Option<DateTime<Utc>>,
+    limit_value: Option<i64>,
+    reject_window_start: Option<DateTime<Utc>>,
+    budget_left: Option<i64>,
 }
 
 /// A request and its tokens counted in a one-minute window.
@@ -342,109 +354,107 @@ impl Admission {
         let request_hash = Sha256::digest(serde_json::to_vec(&raw).expect("JSON serialises"));
         let reserve = reservation(model, estimate, &request);
 
-        let mut tx = self.pool.begin().await?;
-        let locked = lock_key(&mut tx, key.id).await?;
-        let locked = locked.ok_or(Rejection::InvalidKey)?; // revoked or expired meanwhile
-        if let Some(idempotency_key) = submission.idempotency_key {
-            // A statement of its own, after the lock: in READ COMMITTED it sees every job
-            // committed by the admissions that held the lock before us (a join in the locking
-            // statement would read the other table from before the wait).
-            let first: Option<(Uuid, Option<Vec<u8>>)> = sqlx::query_as(
-                "SELECT id, request_hash FROM tollgate.jobs WHERE key_id = $1 AND idempotency_key = $2",
-            )
-            .bind(key.id)
-            .bind(idempotency_key)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some((existing, hash)) = first {
-                if hash.as_deref() != Some(&request_hash[..]) {
-                    return Err(Rejection::IdempotencyMismatch);
-                }
-                drop(tx);
-                let job = jobs::get_for_key(&self.pool, JobId(existing), key.id)
-                    .await?
-                    .ok_or(Rejection::IdempotencyMismatch)?; // deleted between the two reads
-                return Ok(Admitted::Replayed(job));
-            }
-        }
-
-        let tokens = estimate.tokens as i64;
-        let key = &locked.key;
-        if key.rpm_limit.is_some() || key.tpm_limit.is_some() {
-            let window = count_in_key_window(&mut tx, key.id, tokens).await?;
-            let reset_secs = window.reset_secs();
-            rates.requests = key.rpm_limit.map(|limit| Quota {
-                limit: limit as i64,
-                remaining: (limit as i64 - window.requests as i64).max(0),
-                reset_secs,
-            });
-            rates.tokens = key.tpm_limit.map(|limit| Quota {
-                limit: limit as i64,
-                remaining: (limit as i64 - window.tokens).max(0),
-                reset_secs,
-            });
-            check_window(
-                &window,
-                Scope::Key,
-                key.rpm_limit.map(i64::from),
-                key.tpm_limit.map(i64::from),
-                tokens,
-            )?;
-        }
-        if model.rpm_limit.is_some() || model.tpm_limit.is_some() {
-            let window = count_in_model_window(&mut tx, &model.name, tokens).await?;
-            check_window(
-                &window,
-                Scope::Model,
-                model.rpm_limit.map(i64::from),
-                model.tpm_limit.map(|t| t as i64),
-                tokens,
-            )?;
-        }
-        if let Some(limit) = key.max_in_flight {
-            if locked.in_flight >= limit {
-                return Err(Rejection::InFlight { limit });
-            }
-        }
-        if let Some(budget) = key.budget_micro_usd {
-            let mut spent = locked.spent_micro_usd;
-            if locked.current_period.is_some() && locked.current_period != locked.period_start {
-                start_budget_period(&mut tx, key.id, locked.current_period).await?;
-                spent = 0;
-            }
-            let left = budget - spent - locked.reserved_micro_usd;
-            if reserve.0 > left {
-                return Err(Rejection::Budget {
-                    needed: reserve.as_usd_string(),
-                    left: MicroUsd(left.max(0)).as_usd_string(),
-                });
-            }
-        }
-
         let history_json = (!history.is_empty())
             .then(|| Value::Array(history.iter().map(InputItem::to_value).collect()));
         let id = JobId::new();
         let message = JobMessage::new(id, &model.name);
         let outbox_payload = serde_json::to_value(&message).expect("a job message serialises");
-        let (outbox_id, created_at) = jobs::insert_admitted(
-            &mut tx,
-            &jobs::NewJob {
-                id,
-                key_id: key.id,
-                model: &model.name,
-                request: &raw,
-                request_hash: &request_hash,
-                idempotency_key: submission.idempotency_key,
-                estimated_input_tokens: estimate.tokens as i32,
-                reserved: reserve,
-                counter_slot: 0,
-                outbox_payload: &outbox_payload,
-                history: history_json.as_ref(),
-                previous_response_id: previous,
-            },
+        let tokens = estimate.tokens as i64;
+        let decided: Admit = sqlx::query_as(
+            "SELECT * FROM tollgate.admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
+        .bind(key.id)
+        .bind(tokens)
+        .bind(reserve.0)
+        .bind(&model.name)
+        .bind(model.rpm_limit.map(i64::from))
+        .bind(model.tpm_limit.map(|t| t as i64))
+        .bind(submission.idempotency_key)
+        .bind(&request_hash[..])
+        .bind(id)
+        .bind(sqlx::types::Json(&raw))
+        .bind(history_json.as_ref().map(sqlx::types::Json))
+        .bind(previous)
+        .bind(sqlx::types::Json(&outbox_payload))
+        .fetch_one(&self.pool)
         .await?;
-        tx.commit().await?;
+        if let Some(window_start) = decided.window_start {
+            let window = Window {
+                requests: decided.window_requests.unwrap_or(0),
+                tokens: decided.window_tokens.unwrap_or(0),
+                window_start,
+            };
+            let reset_secs = window.reset_secs();
+            rates.requests = decided.rpm_limit.map(|limit| Quota {
+                limit: limit as i64,
+                remaining: (limit as i64 - window.requests as i64).max(0),
+                reset_secs,
+            });
+            rates.tokens = decided.tpm_limit.map(|limit| Quota {
+                limit: limit as i64,
+                remaining: (limit as i64 - window.tokens).max(0),
+                reset_secs,
+            });
+        }
+        let limit = decided.limit_value.unwrap_or(0);
+        let retry_after_secs = || {
+            decided.reject_window_start.map_or(1, |window_start| {
+                Window {
+                    requests: 0,
+                    tokens: 0,
+                    window_start,
+                }
+                .reset_secs()
+            })
+        };
+        match decided.outcome.as_str() {
+            "admitted" => {}
+            "replayed" => {
+                let existing = decided.job_id.ok_or(Rejection::IdempotencyMismatch)?;
+                let job = jobs::get_for_key(&self.pool, JobId(existing), key.id)
+                    .await?
+                    .ok_or(Rejection::IdempotencyMismatch)?; // deleted between the two reads
+                return Ok(Admitted::Replayed(job));
+            }
+            "idempotency_mismatch" => return Err(Rejection::IdempotencyMismatch),
+            "invalid_key" => return Err(Rejection::InvalidKey),
+            outcome @ ("key_rpm" | "model_rpm") => {
+                return Err(Rejection::RequestsPerMinute {
+                    scope: scope_of(outcome),
+                    limit,
+                    retry_after_secs: retry_after_secs(),
+                })
+            }
+            outcome @ ("key_tpm" | "model_tpm") => {
+                return Err(Rejection::TokensPerMinute {
+                    scope: scope_of(outcome),
+                    limit,
+                    needed: tokens,
+                    retry_after_secs: retry_after_secs(),
+                })
+            }
+            "in_flight" => {
+                return Err(Rejection::InFlight {
+                    limit: limit as i32,
+                })
+            }
+            "budget" => {
+                return Err(Rejection::Budget {
+                    needed: reserve.as_usd_string(),
+                    left: MicroUsd(decided.budget_left.unwrap_or(0).max(0)).as_usd_string(),
+                })
+            }
+            other => {
+                return Err(Rejection::Database(sqlx::Error::Protocol(format!(
+                    "tollgate.admit answered an unknown outcome {other:?}"
+                ))))
+            }
+        }
+        let (Some(outbox_id), Some(created_at)) = (decided.outbox_id, decided.created_at) else {
+            return Err(Rejection::Database(sqlx::Error::Protocol(
+                "tollgate.admit admitted a job without its outbox row".into(),
+            )));
+        };
         tracing::info!(job_id = %id, key_id = %key.id, model = %model.name, "admitted");
         Ok(Admitted::New {
             job: queued_row(id, key.id, &model.name, raw, created_at, previous),
@@ -472,108 +482,13 @@ impl Admission {
     }
 }
 
-/// Locks the key's counter row, if the key is still live.
-async fn lock_key(tx: &mut PgConnection, key_id: KeyId) -> Result<Option<LockedKey>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT k.id, k.name, k.rpm_limit, k.tpm_limit, k.max_in_flight, k.budget_micro_usd,
-                k.budget_period, k.allowed_models,
-                c.in_flight, c.reserved_micro_usd, c.spent_micro_usd, c.period_start,
-                CASE k.budget_period
-                    WHEN 'daily' THEN date_trunc('day', now(), 'UTC')
-                    WHEN 'monthly' THEN date_trunc('month', now(), 'UTC')
-                END AS current_period
-           FROM tollgate.key_counters c
-           JOIN tollgate.api_keys k ON k.id = c.key_id
-          WHERE c.key_id = $1 AND c.slot = 0 AND k.revoked_at IS NULL
-            AND (k.expires_at IS NULL OR k.expires_at > now())
-            FOR UPDATE OF c",
-    )
-    .bind(key_id)
-    .fetch_optional(tx)
-    .await
-}
-
-/// Counts the request and its tokens in the key's current window and returns the window's new
-/// totals. Checked afterwards: a rejection rolls the count back with the transaction.
-async fn count_in_key_window(
-    tx: &mut PgConnection,
-    key_id: KeyId,
-    tokens: i64,
-) -> Result<Window, sqlx::Error> {
-    sqlx::query_as(
-        "INSERT INTO tollgate.rate_windows AS w (key_id, slot, window_start, requests, tokens)
-         VALUES ($1, 0, date_trunc('minute', now()), 1, $2)
-         ON CONFLICT (key_id, slot, window_start)
-         DO UPDATE SET requests = w.requests + 1, tokens = w.tokens + EXCLUDED.tokens
-         RETURNING requests, tokens, window_start",
-    )
-    .bind(key_id)
-    .bind(tokens)
-    .fetch_one(tx)
-    .await
-}
-
-/// The same for a model's window, shared by every key. The upsert locks the window row until
-/// commit, so concurrent admissions of the model are exact too.
-async fn count_in_model_window(
-    tx: &mut PgConnection,
-    model: &str,
-    tokens: i64,
-) -> Result<Window, sqlx::Error> {
-    sqlx::query_as(
-        "INSERT INTO tollgate.model_rate_windows AS w (model, window_start, requests, tokens)
-         VALUES ($1, date_trunc('minute', now()), 1, $2)
-         ON CONFLICT (model, window_start)
-         DO UPDATE SET requests = w.requests + 1, tokens = w.tokens + EXCLUDED.tokens
-         RETURNING requests, tokens, window_start",
-    )
-    .bind(model)
-    .bind(tokens)
-    .fetch_one(tx)
-    .await
-}
-
-fn check_window(
-    window: &Window,
-    scope: Scope,
-    rpm: Option<i64>,
-    tpm: Option<i64>,
-    tokens: i64,
-) -> Result<(), Rejection> {
-    let retry_after_secs = window.reset_secs();
-    if let Some(limit) = rpm.filter(|limit| window.requests as i64 > *limit) {
-        return Err(Rejection::RequestsPerMinute {
-            scope,
-            limit,
-            retry_after_secs,
-        });
+/// The scope of a window outcome of `tollgate.admit` (`key_rpm`, `model_tpm`, …).
+fn scope_of(outcome: &str) -> Scope {
+    if outcome.starts_with("model") {
+        Scope::Model
+    } else {
+        Scope::Key
     }
-    if let Some(limit) = tpm.filter(|limit| window.tokens > *limit) {
-        return Err(Rejection::TokensPerMinute {
-            scope,
-            limit,
-            needed: tokens,
-            retry_after_secs,
-        });
-    }
-    Ok(())
-}
-
-/// Starts a new budget period on the key's (locked) counter row: spend counts from zero again.
-async fn start_budget_period(
-    tx: &mut PgConnection,
-    key_id: KeyId,
-    period: Option<DateTime<Utc>>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE tollgate.key_counters SET spent_micro_usd = 0, period_start = $2
-          WHERE key_id = $1 AND slot = 0",
-    )
-    .bind(key_id)
-    .bind(period)
-    .execute(tx)
-    .await?;
-    Ok(())
 }
 
 fn queued_row(

@@ -15,65 +15,6 @@ use crate::{
     output::{Output, Piece},
 };
 
-/// What admission decided to write for an accepted request.
-#[derive(Debug)]
-pub struct NewJob<'a> {
-    pub id: JobId,
-    pub key_id: KeyId,
-    pub model: &'a str,
-    pub request: &'a Value,
-    pub request_hash: &'a [u8],
-    pub idempotency_key: Option<&'a str>,
-    /// Input tokens counted in the TPM windows at admission (replaced by the real usage when the
-    /// job finishes).
-    pub estimated_input_tokens: i32,
-    pub reserved: MicroUsd,
-    pub counter_slot: i16,
-    pub outbox_payload: &'a Value,
-    /// The conversation a `previous_response_id` brings, as Responses API items.
-    pub history: Option<&'a Value>,
-    pub previous_response_id: Option<JobId>,
-}
-
-/// Inside the admission transaction, in one statement: takes the in-flight slot and the budget
-/// reservation on the key's (locked) counter row, inserts the job (status `queued`) and its outbox
-/// message. Returns the outbox row's id and the job's creation time.
-pub async fn insert_admitted(
-    conn: &mut PgConnection,
-    job: &NewJob<'_>,
-) -> Result<(i64, DateTime<Utc>), sqlx::Error> {
-    sqlx::query_as(
-        "WITH taken AS (
-             UPDATE tollgate.key_counters
-                SET in_flight = in_flight + 1, reserved_micro_usd = reserved_micro_usd + $6
-              WHERE key_id = $2 AND slot = $7
-         ), job AS (
-             INSERT INTO tollgate.jobs
-                 (id, key_id, model, request, estimated_input_tokens, reserved_micro_usd,
-                  counter_slot, idempotency_key, request_hash, history, previous_response_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $10, $11, $12)
-             RETURNING id, created_at
-         )
-         INSERT INTO tollgate.outbox (job_id, payload)
-         SELECT id, $8 FROM job
-         RETURNING id, (SELECT created_at FROM job)",
-    )
-    .bind(job.id)
-    .bind(job.key_id)
-    .bind(job.model)
-    .bind(Json(job.request))
-    .bind(job.estimated_input_tokens)
-    .bind(job.reserved.0)
-    .bind(job.counter_slot)
-    .bind(Json(job.outbox_payload))
-    .bind(job.idempotency_key)
-    .bind(job.request_hash)
-    .bind(job.history.map(Json))
-    .bind(job.previous_response_id)
-    .fetch_one(conn)
-    .await
-}
-
 /// A job as clients and operators see it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct JobRow {
