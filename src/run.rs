@@ -12,7 +12,10 @@ use crate::{
     admission::Admission,
     api::{self, AppState},
     config::Config,
-    queue::{outbox, Publisher},
+    queue::{
+        outbox::{self, SentMarks},
+        Publisher,
+    },
     store::{self, jobs, notify::JobWatch},
     worker::Worker,
 };
@@ -57,11 +60,13 @@ pub async fn serve(
         Duration::from_millis(config.server.stream_fallback_poll_ms),
         shutdown.clone(),
     );
+    let (sent, marking) = SentMarks::start(pool.clone());
     let state = AppState {
         pool,
         watch,
         config,
         publisher: publisher.clone(),
+        sent,
         admission,
     };
     tracing::info!(listen = %listener.local_addr()?, "front listening");
@@ -80,6 +85,9 @@ pub async fn serve(
     shutdown.cancel();
     let _ = relay.await;
     let _ = sweeper.await;
+    // The last marks are written once the connections holding the state have closed; a mark
+    // not written in time only means the relay publishes that row again.
+    let _ = tokio::time::timeout(Duration::from_secs(2), marking).await;
     publisher.close().await;
     Ok(())
 }

@@ -290,3 +290,36 @@ async fn concurrent_submissions_admit_exactly_the_rpm_limit() {
     assert_eq!(snap.rate_windows.iter().map(|w| w.2).sum::<i32>(), 10);
     assert_eq!(snap.counters[0].2, 10, "in-flight slots taken");
 }
+
+/// Every row the front publishes is marked sent (in batches, after the answer): none is left for
+/// the relay, so no job is published twice, also in a burst of concurrent admissions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_rows_are_marked_sent_and_the_relay_publishes_none_again() {
+    let env = Arc::new(env().await);
+    let key = env.key().await;
+    let submits = (0..64).map(|i| {
+        let (env, key) = (env.clone(), key.clone());
+        tokio::spawn(async move { env.submit_ok(&key, "mock-1", &format!("burst {i}")).await })
+    });
+    for submit in submits {
+        submit.await.unwrap();
+    }
+    env.wait_for(std::time::Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM tollgate.outbox WHERE sent_at IS NULL")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+            == 0
+    })
+    .await;
+    // Past the relay's grace and a few of its rounds: had a row been left unsent, it would
+    // have been published a second time by now.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(env.queue_depth().await, Some(64));
+    let published: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tollgate.outbox WHERE publish_attempts > 0")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(published, 0, "the relay published rows the front had published");
+}

@@ -34,7 +34,12 @@ pub use object::response_object;
 pub use server::serve;
 pub use stream::StreamEvent;
 
-use crate::{admission::Admission, config::Config, queue::Publisher, store::notify::JobWatch};
+use crate::{
+    admission::Admission,
+    config::Config,
+    queue::{outbox::SentMarks, Publisher},
+    store::notify::JobWatch,
+};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -42,6 +47,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub config: Arc<Config>,
     pub publisher: Arc<Publisher>,
+    /// Published outbox rows, marked sent in batches.
+    pub sent: SentMarks,
     pub admission: Arc<Admission>,
     /// Wake-ups for readers that follow a job (streams, synchronous requests).
     pub watch: JobWatch,

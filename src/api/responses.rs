@@ -36,7 +36,6 @@ use crate::{
     admission::{Admitted, Quota, RateReport, Rejection, Submission},
     billing,
     ids::JobId,
-    queue::outbox,
     request::CreateResponse,
     store::{
         jobs::{self, Cancelled, JobRow},
@@ -183,17 +182,10 @@ async fn create(
         }) => {
             // Fast path: publish now. If RabbitMQ is unreachable the job is still committed and
             // its outbox row unsent; the relay publishes it when RabbitMQ is back. Marking the
-            // row sent is bookkeeping the client need not wait for: if it is lost, the relay
-            // publishes a second copy, which the worker skips.
+            // row sent is bookkeeping the client need not wait for, done in batches; if it is
+            // lost, the relay publishes a second copy, which the worker skips.
             match state.publisher.publish(&message).await {
-                Ok(()) => {
-                    let (pool, job_id) = (state.pool.clone(), job.id);
-                    tokio::spawn(async move {
-                        if let Err(e) = outbox::mark_sent(&pool, outbox_id).await {
-                            tracing::warn!(%job_id, error = %e, "published, but could not mark the outbox row sent; the relay may publish it again");
-                        }
-                    });
-                }
+                Ok(()) => state.sent.mark(outbox_id),
                 Err(e) => {
                     tracing::warn!(job_id = %job.id, error = %e, "publish failed; the outbox relay will retry");
                 }

@@ -1,5 +1,5 @@
-//! The transactional outbox. The admission transaction writes an outbox row beside the job; the
-//! front publishes right after its commit and marks the row sent. The relay publishes any row
+//! The transactional outbox. Admission writes an outbox row beside the job, in its one statement;
+//! the front publishes right after and marks the row sent, in batches ([`SentMarks`]). The relay publishes any row
 //! left unsent (RabbitMQ was down, the front crashed between commit and publish), so every
 //! committed job is published at least once. A second publish is harmless: the worker skips a job
 //! that is not `queued`.
@@ -12,6 +12,7 @@ use std::{sync::Arc, time::Duration};
 
 use serde_json::Value;
 use sqlx::{types::Json, PgPool};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{JobMessage, Publisher};
@@ -20,12 +21,55 @@ use crate::{ids::JobId, store::jobs};
 /// Rows published per relay transaction.
 const RELAY_BATCH: i64 = 100;
 
-/// Marks an outbox row as published.
-pub async fn mark_sent(pool: &PgPool, outbox_id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE tollgate.outbox SET sent_at = now() WHERE id = $1 AND sent_at IS NULL")
-        .bind(outbox_id)
-        .execute(pool)
-        .await?;
+/// Published rows marked sent per statement at most.
+const MARK_BATCH: usize = 1000;
+
+/// Marks the rows the front has published as sent, many per statement: a background task takes
+/// every id handed to [`SentMarks::mark`] since its last statement and marks them with one
+/// `UPDATE`, so a job costs no commit of its own after its admission. A mark that is lost (the
+/// front stopped first, PostgreSQL was out of reach, the queue of marks was full) leaves its row
+/// unsent: the relay publishes it again and the worker drops the duplicate.
+#[derive(Clone)]
+pub struct SentMarks {
+    ids: mpsc::Sender<i64>,
+}
+
+impl SentMarks {
+    /// Starts the marking task; it ends once every `SentMarks` is dropped and the last marks
+    /// are written.
+    pub fn start(pool: PgPool) -> (Self, tokio::task::JoinHandle<()>) {
+        let (ids, mut received) = mpsc::channel(64 * MARK_BATCH);
+        let task = tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(MARK_BATCH);
+            while received.recv_many(&mut batch, MARK_BATCH).await > 0 {
+                if let Err(e) = mark_sent(&pool, &batch).await {
+                    tracing::warn!(rows = batch.len(), error = %e, "published, but could not mark the outbox rows sent; the relay may publish them again");
+                }
+                batch.clear();
+            }
+        });
+        (Self { ids }, task)
+    }
+
+    /// Marks this row sent soon (never waits).
+    pub fn mark(&self, outbox_id: i64) {
+        if self.ids.try_send(outbox_id).is_err() {
+            tracing::debug!(
+                outbox_id,
+                "too many marks waiting; the relay may publish this row again"
+            );
+        }
+    }
+}
+
+/// Marks outbox rows as published.
+pub async fn mark_sent(pool: &PgPool, outbox_ids: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE tollgate.outbox SET sent_at = now() WHERE id = ANY($1) AND sent_at IS NULL",
+    )
+    .bind(outbox_ids)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
