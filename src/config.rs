@@ -200,6 +200,9 @@ pub struct ServerConfig {
     /// Live event streams (SSE) one key may hold open on one front process; a stream past it gets
     /// 429 `too_many_streams`.
     pub max_followers_per_key: usize,
+    /// How long the front keeps a key it looked up (0: not at all). A revoked key is dropped at
+    /// once, and is never admitted whatever the cache holds.
+    pub key_cache_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -222,6 +225,7 @@ impl Default for ServerConfig {
             idle_timeout_ms: 60_000,
             max_connections: 4096,
             max_followers_per_key: 64,
+            key_cache_ms: 10_000,
         }
     }
 }

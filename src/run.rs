@@ -58,6 +58,7 @@ pub async fn serve(
     let watch = JobWatch::start(
         pool.clone(),
         Duration::from_millis(config.server.stream_fallback_poll_ms),
+        admission.keys().clone(),
         shutdown.clone(),
     );
     let (sent, marking) = SentMarks::start(pool.clone());

@@ -321,5 +321,8 @@ async fn published_rows_are_marked_sent_and_the_relay_publishes_none_again() {
             .fetch_one(&env.pool)
             .await
             .unwrap();
-    assert_eq!(published, 0, "the relay published rows the front had published");
+    assert_eq!(
+        published, 0,
+        "the relay published rows the front had published"
+    );
 }

@@ -81,3 +81,37 @@ async fn an_ambiguous_prefix_revokes_nothing_and_an_id_revokes_one() {
     assert!(keys::find_live(&env.pool, &second).await.unwrap().is_none());
     assert!(keys::find_live(&env.pool, &first).await.unwrap().is_some());
 }
+
+/// The front caches keys it looked up (`server.key_cache_ms`, 10 s by default), yet a key revoked
+/// while cached is never admitted once `revoke` has returned, and the front stops serving it as
+/// soon as the revoke's notification arrives, long before the cache would have let it go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_key_is_refused_once_revoked() {
+    let mut config = common::isolated_config(vec![ModelConfig::mock("mock-1")]);
+    config.server.key_cache_ms = 600_000;
+    let env = TestEnv::front_with(config).await;
+    let secret = env.create_key(named("cached")).await;
+    let id = env.submit_ok(&secret, "mock-1", "cache me").await;
+    assert_eq!(env.get(&secret, &id).await.0, 200);
+    let key_id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM tollgate.api_keys")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let revoked = keys::revoke(&env.pool, &key_id.to_string()).await.unwrap();
+    assert!(matches!(revoked, Revoked::One(..)), "{revoked:?}");
+    // Admission checks the key under its lock: refused at once, nothing written.
+    let before = env.snapshot().await;
+    let (status, body) = env
+        .submit(
+            &secret,
+            serde_json::json!({"model": "mock-1", "input": "after revoke", "background": true}),
+        )
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(env.snapshot().await.jobs, before.jobs);
+    // Reads stop as soon as the notification has dropped the cached key.
+    env.wait_for(std::time::Duration::from_secs(5), || async {
+        env.get(&secret, &id).await.0 == 401
+    })
+    .await;
+}

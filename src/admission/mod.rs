@@ -27,7 +27,7 @@
 
 pub mod guardrails;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -42,7 +42,7 @@ use crate::{
     money::MicroUsd,
     queue::JobMessage,
     request::{self, CreateResponse, InputItem, InvalidRequest},
-    store::{jobs, keys},
+    store::{jobs, key_cache::KeyCache},
     tokens,
 };
 
@@ -175,6 +175,7 @@ pub struct Admission {
     pool: PgPool,
     config: Arc<Config>,
     guardrails: Guardrails,
+    keys: KeyCache,
 }
 
 /// What `tollgate.admit` answers (see its migration): the outcome, the key's window for the
@@ -283,11 +284,18 @@ fn reservation(model: &ModelConfig, input: tokens::Estimate, request: &CreateRes
 impl Admission {
     pub fn new(pool: PgPool, config: Arc<Config>) -> Result<Self, regex::Error> {
         let guardrails = Guardrails::new(&config.guardrails)?;
+        let keys = KeyCache::new(Duration::from_millis(config.server.key_cache_ms));
         Ok(Self {
             pool,
             config,
             guardrails,
+            keys,
         })
+    }
+
+    /// The front's cache of key look-ups, which admission and the other routes share.
+    pub fn keys(&self) -> &KeyCache {
+        &self.keys
     }
 
     /// Decides on a request and, if it is admitted, commits its job and outbox row.
@@ -312,7 +320,9 @@ impl Admission {
         rates: &mut RateReport,
         key_id: &mut Option<KeyId>,
     ) -> Result<Admitted, Rejection> {
-        let key = keys::find_live(&self.pool, submission.secret)
+        let key = self
+            .keys
+            .find_live(&self.pool, submission.secret)
             .await?
             .ok_or(Rejection::InvalidKey)?;
         *key_id = Some(key.id);

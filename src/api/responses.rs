@@ -39,7 +39,7 @@ use crate::{
     request::CreateResponse,
     store::{
         jobs::{self, Cancelled, JobRow},
-        keys::{self, ApiKey},
+        keys::ApiKey,
     },
 };
 
@@ -73,7 +73,10 @@ pub(super) async fn authenticate(
     headers: &HeaderMap,
 ) -> Result<ApiKey, ApiError> {
     let secret = bearer(headers).ok_or_else(missing_key)?;
-    Ok(keys::find_live(&state.pool, secret)
+    Ok(state
+        .admission
+        .keys()
+        .find_live(&state.pool, secret)
         .await?
         .ok_or(Rejection::InvalidKey)?)
 }
@@ -157,7 +160,12 @@ async fn create(
     // A stream takes its key's slot before admission, so a refused one writes nothing. A secret
     // that names no live key is left to admission, which refuses and counts it.
     let slot = match mode {
-        Mode::Stream => match keys::find_live(&state.pool, secret).await? {
+        Mode::Stream => match state
+            .admission
+            .keys()
+            .find_live(&state.pool, secret)
+            .await?
+        {
             Some(key) => Some(StreamSlot::take(
                 key.id,
                 state.config.server.max_followers_per_key,

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use sqlx::{PgExecutor, PgPool};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{ids::KeyId, money::MicroUsd};
@@ -115,19 +115,33 @@ async fn try_create(pool: &PgPool, new: &NewKey) -> Result<(KeyId, String), sqlx
 }
 
 /// Finds the live (not revoked, not expired) key with this secret.
-pub async fn find_live<'e>(
-    executor: impl PgExecutor<'e>,
-    secret: &str,
-) -> Result<Option<ApiKey>, sqlx::Error> {
-    sqlx::query_as(
+pub async fn find_live(pool: &PgPool, secret: &str) -> Result<Option<ApiKey>, sqlx::Error> {
+    Ok(find_live_by_hash(pool, &hash_secret(secret))
+        .await?
+        .map(|(key, _)| key))
+}
+
+/// The live key with this secret hash, and when it expires.
+pub(super) async fn find_live_by_hash(
+    pool: &PgPool,
+    hash: &[u8],
+) -> Result<Option<(ApiKey, Option<DateTime<Utc>>)>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Found {
+        #[sqlx(flatten)]
+        key: ApiKey,
+        expires_at: Option<DateTime<Utc>>,
+    }
+    let found: Option<Found> = sqlx::query_as(
         "SELECT id, name, rpm_limit, tpm_limit, max_in_flight, budget_micro_usd, budget_period,
-                allowed_models
+                allowed_models, expires_at
            FROM tollgate.api_keys
           WHERE key_hash = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())",
     )
-    .bind(hash_secret(secret))
-    .fetch_optional(executor)
-    .await
+    .bind(hash)
+    .fetch_optional(pool)
+    .await?;
+    Ok(found.map(|f| (f.key, f.expires_at)))
 }
 
 /// What revoking found.
@@ -162,6 +176,12 @@ pub async fn revoke(pool: &PgPool, id_or_prefix: &str) -> Result<Revoked, sqlx::
     };
     sqlx::query("UPDATE tollgate.api_keys SET revoked_at = now() WHERE id = $1")
         .bind(key_id)
+        .execute(&mut *tx)
+        .await?;
+    // Delivered at commit: every front drops the key from its cache (`store/key_cache.rs`).
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(super::key_cache::CHANNEL)
+        .bind(key_id.0.to_string())
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;

@@ -2,6 +2,7 @@
 //! migrations, and the queries on keys and jobs. Everything lives in the `tollgate` schema.
 
 pub mod jobs;
+pub mod key_cache;
 pub mod keys;
 pub mod notify;
 pub mod retention;

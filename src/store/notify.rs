@@ -1,4 +1,5 @@
-//! Wake-ups for readers of live jobs. One `LISTEN tollgate_job_events` connection per process
+//! Wake-ups for readers of live jobs, and revoked keys dropped from the key cache
+//! (`store/key_cache.rs`). One `LISTEN tollgate_job_events, tollgate_keys` connection per process
 //! (see migration `20261124000005_stream_notify.sql`) fans notifications out to the subscribers of
 //! each job id. A notification carries no data: a woken subscriber re-reads the rows, so a lost
 //! notification can only delay a reader, never mislead it. When the listening connection is lost
@@ -16,7 +17,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::ids::JobId;
+use super::key_cache::{self, KeyCache};
+use crate::ids::{JobId, KeyId};
 
 /// The channel the triggers notify, with the job's UUID as payload.
 pub const CHANNEL: &str = "tollgate_job_events";
@@ -30,17 +32,25 @@ pub struct JobWatch {
 struct Inner {
     subscribers: Mutex<HashMap<Uuid, watch::Sender<u64>>>,
     fallback: Duration,
+    keys: KeyCache,
     shutdown: CancellationToken,
 }
 
 impl JobWatch {
     /// Starts listening on `pool`'s database until `shutdown`. Subscribers also wake every
     /// `fallback`, whatever the listener does.
-    pub fn start(pool: PgPool, fallback: Duration, shutdown: CancellationToken) -> Self {
+    /// Revoked keys are dropped from `keys`.
+    pub fn start(
+        pool: PgPool,
+        fallback: Duration,
+        keys: KeyCache,
+        shutdown: CancellationToken,
+    ) -> Self {
         let watch = Self {
             inner: Arc::new(Inner {
                 subscribers: Mutex::new(HashMap::new()),
                 fallback,
+                keys,
                 shutdown: shutdown.clone(),
             }),
         };
@@ -105,6 +115,7 @@ impl JobWatch {
             backoff = Duration::from_millis(100);
             // Anything may have changed while no connection was listening.
             self.wake_all();
+            self.inner.keys.clear();
             loop {
                 let received = tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -112,6 +123,9 @@ impl JobWatch {
                 };
                 match received {
                     Ok(Some(notification)) => match Uuid::try_parse(notification.payload()) {
+                        Ok(id) if notification.channel() == key_cache::CHANNEL => {
+                            self.inner.keys.forget(KeyId(id))
+                        }
                         Ok(id) => self.wake(id),
                         Err(_) => tracing::warn!(
                             payload = notification.payload(),
@@ -119,10 +133,14 @@ impl JobWatch {
                         ),
                     },
                     // The connection was lost and re-established: notifications may be missing.
-                    Ok(None) => self.wake_all(),
+                    Ok(None) => {
+                        self.wake_all();
+                        self.inner.keys.clear();
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "lost the LISTEN connection; reconnecting");
                         self.wake_all();
+                        self.inner.keys.clear();
                         break;
                     }
                 }
@@ -133,7 +151,7 @@ impl JobWatch {
 
 async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(CHANNEL).await?;
+    listener.listen_all([CHANNEL, key_cache::CHANNEL]).await?;
     Ok(listener)
 }
 
