@@ -339,3 +339,67 @@ async fn a_job_whose_row_cannot_be_read_fails_instead_of_coming_back() {
     );
     assert_eq!(env.queue_depth().await, Some(0));
 }
+
+/// Running jobs' output is written together: while the event table is locked, every job's next
+/// batch waits in the worker's writer, and once it is free one statement writes the batches of
+/// many jobs (their rows share the statement's transaction time). Every job still gets all its
+/// output, numbered without a gap, and exactly what it gets when it runs alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_jobs_output_is_written_many_jobs_per_statement() {
+    let mut mock = ModelConfig::mock("mock-1");
+    mock.mock_deltas = 120;
+    mock.mock_delay_ms = 5;
+    let mut config = common::isolated_config(vec![mock]);
+    config.worker.concurrency = 32;
+    config.worker.flush_max_deltas = 8;
+    let mut env = TestEnv::front_with(config).await;
+    env.start_worker();
+    let key = env.key().await;
+    let alone = env.submit_ok(&key, "mock-1", "alone").await;
+    let alone = env.poll_until_done(&key, &alone).await;
+    assert_eq!(alone["status"], "completed", "{alone}");
+
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        ids.push(
+            env.submit_ok(&key, "mock-1", &format!("together {i}"))
+                .await,
+        );
+    }
+    env.wait_until_streaming(24).await;
+    let mut lock = env.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE tollgate.job_events IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    lock.commit().await.unwrap();
+
+    for id in &ids {
+        let done = env.poll_until_done(&key, id).await;
+        assert_eq!(done["status"], "completed", "{done}");
+        assert_eq!(done["output"].as_array().map(Vec::len), Some(1), "{done}");
+        assert_eq!(done["output"][0]["content"], alone["output"][0]["content"]);
+    }
+    // Each job's event rows cover its pieces from 0 without a gap or an overlap.
+    let gaps: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+             SELECT seq_first, lag(seq_last) OVER (PARTITION BY job_id, attempt ORDER BY seq_first)
+                        AS previous
+               FROM tollgate.job_events) e
+          WHERE seq_first <> coalesce(previous + 1, 0)",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(gaps, 0);
+    // The statement after the lock carried the waiting batches of many jobs.
+    let most: i64 = sqlx::query_scalar(
+        "SELECT max(jobs) FROM (SELECT count(DISTINCT job_id) AS jobs
+                                  FROM tollgate.job_events GROUP BY created_at) s",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(most >= 8, "at most {most} jobs' batches in one statement");
+}

@@ -8,6 +8,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{types::Json, PgConnection, PgPool};
+use uuid::Uuid;
 
 use crate::{
     ids::{JobId, JobStatus, KeyId},
@@ -139,49 +140,86 @@ pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim
     })
 }
 
-/// Appends a batch of pieces to the job (one event row, and on the job row the text of its
-/// messages and its function-call arguments), in one statement. Returns false when this attempt no longer owns the job (cancelled, or
-/// taken over): the worker must stop. (The lease is renewed beside the call, not here.)
-#[tracing::instrument(skip_all, fields(job_id = %id, n = pieces.len()))]
-pub async fn append_pieces(
+/// One attempt's batch of pieces to append, numbered from `seq_first`.
+#[derive(Debug)]
+pub struct Append {
+    pub id: JobId,
+    pub attempt: i32,
+    pub seq_first: i32,
+    pub pieces: Vec<Piece>,
+}
+
+/// Appends the batches of many jobs in one statement (the worker's group commit): for each, one
+/// event row, and on the job row the text of its messages and its function-call arguments. A
+/// batch is written only while its attempt still owns the job (`in_progress`, same attempt).
+/// Returns the jobs whose batch was written; the others' attempts must stop. At most one batch
+/// per job.
+pub async fn append_many(
     pool: &PgPool,
-    id: JobId,
-    attempt: i32,
-    seq_first: i32,
-    pieces: &[Piece],
-) -> Result<bool, sqlx::Error> {
-    let (mut text, mut arguments) = (String::new(), String::new());
-    for piece in pieces {
-        match piece {
-            Piece::Text(t) => text.push_str(t),
-            Piece::Arguments(a) => arguments.push_str(a),
-            _ => {}
+    batches: &[Append],
+) -> Result<std::collections::HashSet<JobId>, sqlx::Error> {
+    let n = batches.len();
+    let (mut ids, mut attempts, mut seqs) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut texts, mut arguments) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut kinds, mut payloads) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for batch in batches {
+        let (mut text, mut args) = (String::new(), String::new());
+        for piece in &batch.pieces {
+            match piece {
+                Piece::Text(t) => text.push_str(t),
+                Piece::Arguments(a) => args.push_str(a),
+                _ => {}
+            }
         }
+        ids.push(batch.id.0);
+        attempts.push(batch.attempt);
+        seqs.push(batch.seq_first);
+        texts.push(text);
+        arguments.push(args);
+        kinds.push(batch.pieces.iter().map(Piece::kind).collect::<String>());
+        payloads.push(Json(
+            batch
+                .pieces
+                .iter()
+                .map(Piece::payload)
+                .collect::<Vec<String>>(),
+        ));
     }
-    let kinds: String = pieces.iter().map(Piece::kind).collect();
-    let payloads: Vec<String> = pieces.iter().map(Piece::payload).collect();
-    let written = sqlx::query(
-        "WITH job AS (
-             UPDATE tollgate.jobs
-                SET output_text = output_text || $4, output_arguments = output_arguments || $7,
-                    updated_at = now()
-              WHERE id = $1 AND attempt = $2 AND status = 'in_progress'
-              RETURNING id
+    let written: Vec<Uuid> = sqlx::query_scalar(
+        "WITH batch AS (
+             SELECT * FROM unnest($1::uuid[], $2::int[], $3::int[], $4::text[], $5::text[],
+                                  $6::text[], $7::jsonb[])
+                 AS b(job_id, attempt, seq_first, text, arguments, kinds, payloads)
+         ), job AS (
+             UPDATE tollgate.jobs j
+                SET output_text = j.output_text || b.text,
+                    output_arguments = j.output_arguments || b.arguments, updated_at = now()
+               FROM batch b
+              WHERE j.id = b.job_id AND j.attempt = b.attempt AND j.status = 'in_progress'
+              RETURNING j.id, b.attempt, b.seq_first, b.kinds, b.payloads
          )
          INSERT INTO tollgate.job_events (job_id, attempt, seq_first, seq_last, deltas, kinds)
-         SELECT id, $2, $3, $3 + cardinality($5::text[]) - 1, $5, $6 FROM job",
+         SELECT id, attempt, seq_first, seq_first + length(kinds) - 1,
+                ARRAY(SELECT p.delta FROM jsonb_array_elements_text(payloads)
+                                     WITH ORDINALITY AS p(delta, n) ORDER BY p.n),
+                kinds
+           FROM job
+         RETURNING job_id",
     )
-    .bind(id)
-    .bind(attempt)
-    .bind(seq_first)
-    .bind(text)
-    .bind(payloads)
-    .bind(kinds)
-    .bind(arguments)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    Ok(written == 1)
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&seqs)
+    .bind(&texts)
+    .bind(&arguments)
+    .bind(&kinds)
+    .bind(&payloads)
+    .fetch_all(pool)
+    .await?;
+    Ok(written.into_iter().map(JobId).collect())
 }
 
 /// What an attempt used, as written on the job row (see `billing`).

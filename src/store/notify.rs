@@ -122,16 +122,21 @@ impl JobWatch {
                     received = listener.try_recv() => received,
                 };
                 match received {
-                    Ok(Some(notification)) => match Uuid::try_parse(notification.payload()) {
-                        Ok(id) if notification.channel() == key_cache::CHANNEL => {
-                            self.inner.keys.forget(KeyId(id))
+                    // One id, or (written output) several separated by commas.
+                    Ok(Some(notification)) => {
+                        for id in notification.payload().split(',') {
+                            match Uuid::try_parse(id) {
+                                Ok(id) if notification.channel() == key_cache::CHANNEL => {
+                                    self.inner.keys.forget(KeyId(id))
+                                }
+                                Ok(id) => self.wake(id),
+                                Err(_) => tracing::warn!(
+                                    payload = notification.payload(),
+                                    "unexpected notification payload"
+                                ),
+                            }
                         }
-                        Ok(id) => self.wake(id),
-                        Err(_) => tracing::warn!(
-                            payload = notification.payload(),
-                            "unexpected notification payload"
-                        ),
-                    },
+                    }
                     // The connection was lost and re-established: notifications may be missing.
                     Ok(None) => {
                         self.wake_all();

@@ -490,11 +490,18 @@ impl Batch {
         if self.pending.is_empty() {
             return Ok(true);
         }
-        let owned =
-            jobs::append_pieces(&worker.pool, id, attempt, self.next_seq, &self.pending).await?;
-        self.next_seq += self.pending.len() as i32;
-        self.pending.clear();
-        Ok(owned)
+        let pieces = std::mem::take(&mut self.pending);
+        let seq_first = self.next_seq;
+        self.next_seq += pieces.len() as i32;
+        worker
+            .writer
+            .append(jobs::Append {
+                id,
+                attempt,
+                seq_first,
+                pieces,
+            })
+            .await
     }
 }
 

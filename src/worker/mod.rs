@@ -28,6 +28,7 @@
 //!   `worker.shutdown_grace_seconds`, then hands back the unfinished ones (nack + requeue).
 
 mod job;
+mod writer;
 
 use std::{
     collections::HashMap,
@@ -84,6 +85,8 @@ pub struct Worker {
     http: Arc<HashMap<String, reqwest::Client>>,
     /// Running jobs, to stop when their cancellation is announced.
     running: Arc<Mutex<HashMap<JobId, CancellationToken>>>,
+    /// Writes every running job's streamed output, many jobs per statement.
+    writer: writer::EventWriter,
 }
 
 /// Channel on which PostgreSQL announces cancelled running jobs.
@@ -103,6 +106,7 @@ impl Worker {
             })
             .collect();
         Self {
+            writer: writer::EventWriter::start(pool.clone()),
             pool,
             config,
             http: Arc::new(http),
