@@ -92,7 +92,10 @@ pub struct Claimed {
     pub estimated_input_tokens: i32,
     /// What the previous attempt generated, when its worker died before charging it (empty
     /// otherwise): the new owner charges it with [`add_cost`].
+    #[sqlx(skip)]
     pub abandoned_output: String,
+    /// That attempt, when there is one to charge.
+    abandoned_attempt: Option<i32>,
 }
 
 /// Claims a job for a new attempt: `queued → in_progress`, or takes over an `in_progress` job
@@ -103,7 +106,7 @@ pub struct Claimed {
 pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim, sqlx::Error> {
     let claimed: Option<Claimed> = sqlx::query_as(
         "WITH old AS (
-             SELECT id, attempt, settled_attempt, output_text || output_arguments AS generated
+             SELECT id, attempt, settled_attempt
                FROM tollgate.jobs
               WHERE id = $1 FOR UPDATE
          )
@@ -118,14 +121,24 @@ pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim
             AND (j.status = 'queued' OR (j.status = 'in_progress' AND j.lease_until < now()))
           RETURNING j.attempt, j.attempt - j.handbacks AS tries, j.model, j.request, j.history,
                     j.estimated_input_tokens,
-                    CASE WHEN old.attempt > old.settled_attempt THEN old.generated ELSE '' END
-                        AS abandoned_output",
+                    CASE WHEN old.attempt > old.settled_attempt THEN old.attempt END
+                        AS abandoned_attempt",
     )
     .bind(id)
     .bind(lease_seconds as f64)
     .fetch_optional(pool)
     .await?;
-    if let Some(claimed) = claimed {
+    if let Some(mut claimed) = claimed {
+        if let Some(abandoned) = claimed.abandoned_attempt {
+            // After the claim: every batch the dead attempt wrote is committed and visible, and
+            // it can write no more (its attempt no longer owns the row).
+            claimed.abandoned_output =
+                sqlx::query_scalar("SELECT tollgate.generated($1, $2, 'ta')")
+                    .bind(id)
+                    .bind(abandoned)
+                    .fetch_one(pool)
+                    .await?;
+        }
         return Ok(Claim::Claimed(claimed));
     }
     let status: Option<JobStatus> =
@@ -149,9 +162,11 @@ pub struct Append {
     pub pieces: Vec<Piece>,
 }
 
-/// Appends the batches of many jobs in one statement (the worker's group commit): for each, one
-/// event row, and on the job row the text of its messages and its function-call arguments. A
-/// batch is written only while its attempt still owns the job (`in_progress`, same attempt).
+/// Appends the batches of many jobs in one statement (the worker's group commit): one event row
+/// each. A batch is written only while its attempt still owns the job (`in_progress`, same
+/// attempt): the job row is updated (`updated_at`) in the same statement, so its lock orders the
+/// write against a cancel, delete or takeover of the job. The job's `output_text` and
+/// `output_arguments` are assembled when the attempt ends, not here.
 /// Returns the jobs whose batch was written; the others' attempts must stop. At most one batch
 /// per job.
 pub async fn append_many(
@@ -164,22 +179,11 @@ pub async fn append_many(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
-    let (mut texts, mut arguments) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut kinds, mut payloads) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for batch in batches {
-        let (mut text, mut args) = (String::new(), String::new());
-        for piece in &batch.pieces {
-            match piece {
-                Piece::Text(t) => text.push_str(t),
-                Piece::Arguments(a) => args.push_str(a),
-                _ => {}
-            }
-        }
         ids.push(batch.id.0);
         attempts.push(batch.attempt);
         seqs.push(batch.seq_first);
-        texts.push(text);
-        arguments.push(args);
         kinds.push(batch.pieces.iter().map(Piece::kind).collect::<String>());
         payloads.push(Json(
             batch
@@ -191,13 +195,11 @@ pub async fn append_many(
     }
     let written: Vec<Uuid> = sqlx::query_scalar(
         "WITH batch AS (
-             SELECT * FROM unnest($1::uuid[], $2::int[], $3::int[], $4::text[], $5::text[],
-                                  $6::text[], $7::jsonb[])
-                 AS b(job_id, attempt, seq_first, text, arguments, kinds, payloads)
+             SELECT * FROM unnest($1::uuid[], $2::int[], $3::int[], $4::text[], $5::jsonb[])
+                 AS b(job_id, attempt, seq_first, kinds, payloads)
          ), job AS (
              UPDATE tollgate.jobs j
-                SET output_text = j.output_text || b.text,
-                    output_arguments = j.output_arguments || b.arguments, updated_at = now()
+                SET updated_at = now()
                FROM batch b
               WHERE j.id = b.job_id AND j.attempt = b.attempt AND j.status = 'in_progress'
               RETURNING j.id, b.attempt, b.seq_first, b.kinds, b.payloads
@@ -213,8 +215,6 @@ pub async fn append_many(
     .bind(&ids)
     .bind(&attempts)
     .bind(&seqs)
-    .bind(&texts)
-    .bind(&arguments)
     .bind(&kinds)
     .bind(&payloads)
     .fetch_all(pool)
@@ -262,7 +262,9 @@ pub async fn finish(
             SET status = $3, input_tokens = $4, output_tokens = $5,
                 cost_micro_usd = coalesce(cost_micro_usd, 0) + $6, usage_estimated = $8,
                 incomplete_reason = $9, reasoning_tokens = $10, settled_attempt = attempt,
-                error = $7, finished_at = now(), updated_at = now(), lease_until = NULL
+                error = $7, finished_at = now(), updated_at = now(), lease_until = NULL,
+                output_text = tollgate.generated(id, attempt, 't'),
+                output_arguments = tollgate.generated(id, attempt, 'a')
           WHERE id = $1 AND attempt = $2 AND status = 'in_progress'",
     )
     .bind(id)
@@ -331,9 +333,8 @@ async fn stop_unfinished(
     key_id: KeyId,
     charge: impl FnOnce(&Stopping) -> Spent,
 ) -> Result<Option<JobRow>, sqlx::Error> {
-    let locked: Option<(String, bool, String, i32)> = sqlx::query_as(
-        "SELECT model, attempt > settled_attempt, output_text || output_arguments,
-                estimated_input_tokens
+    let locked: Option<(String, bool, i32, i32)> = sqlx::query_as(
+        "SELECT model, attempt > settled_attempt, attempt, estimated_input_tokens
            FROM tollgate.jobs
           WHERE id = $1 AND key_id = $2 AND status IN ('queued', 'in_progress')
           FOR UPDATE",
@@ -342,11 +343,17 @@ async fn stop_unfinished(
     .bind(key_id)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((model, unsettled, output_text, estimated_input_tokens)) = locked else {
+    let Some((model, unsettled, attempt, estimated_input_tokens)) = locked else {
         return Ok(None);
     };
-    // The running attempt, or one whose worker died before charging it.
+    // The running attempt, or one whose worker died before charging it. Read in a statement of
+    // its own, after the lock: it sees every batch the worker wrote before we took the row.
     let spent = if unsettled {
+        let output_text: String = sqlx::query_scalar("SELECT tollgate.generated($1, $2, 'ta')")
+            .bind(id)
+            .bind(attempt)
+            .fetch_one(&mut *tx)
+            .await?;
         charge(&Stopping {
             model,
             output_text,
@@ -359,6 +366,8 @@ async fn stop_unfinished(
         "UPDATE tollgate.jobs
             SET status = 'cancelled', finished_at = now(), updated_at = now(), lease_until = NULL,
                 settled_attempt = attempt,
+                output_text = tollgate.generated(id, attempt, 't'),
+                output_arguments = tollgate.generated(id, attempt, 'a'),
                 input_tokens = coalesce($3, input_tokens),
                 output_tokens = coalesce($4, output_tokens),
                 usage_estimated = coalesce($5, usage_estimated),

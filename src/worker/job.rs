@@ -111,6 +111,7 @@ async fn run_inner(
         history,
         estimated_input_tokens,
         abandoned_output,
+        ..
     } = claimed;
     let tracked = worker.track(id);
     // From here until this function returns, the lease is renewed beside whatever we wait for.

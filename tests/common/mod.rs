@@ -321,8 +321,9 @@ impl TestEnv {
     pub async fn wait_until_streaming(&self, n: i64) {
         self.wait_for(Duration::from_secs(20), || async {
             let streaming: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM tollgate.jobs
-                  WHERE status = 'in_progress' AND output_text <> ''",
+                "SELECT count(*) FROM tollgate.jobs j
+                  WHERE status = 'in_progress'
+                    AND tollgate.generated(j.id, j.attempt, 't') <> ''",
             )
             .fetch_one(&self.pool)
             .await
