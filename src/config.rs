@@ -203,6 +203,10 @@ pub struct ServerConfig {
     /// How long the front keeps a key it looked up (0: not at all). A revoked key is dropped at
     /// once, and is never admitted whatever the cache holds.
     pub key_cache_ms: u64,
+    /// Admissions of one key in PostgreSQL at once from one front (each holds a pooled
+    /// connection while it waits for the key's row lock); the key's other requests wait in the
+    /// front. Keeps one busy key from starving the others.
+    pub admissions_per_key: usize,
 }
 
 impl Default for ServerConfig {
@@ -226,6 +230,7 @@ impl Default for ServerConfig {
             max_connections: 4096,
             max_followers_per_key: 64,
             key_cache_ms: 10_000,
+            admissions_per_key: 2,
         }
     }
 }
@@ -596,6 +601,11 @@ impl Config {
         if self.worker.concurrency == 0 {
             return Err(ConfigError::Invalid(
                 "worker.concurrency must be > 0".into(),
+            ));
+        }
+        if self.server.admissions_per_key == 0 {
+            return Err(ConfigError::Invalid(
+                "server.admissions_per_key must be > 0".into(),
             ));
         }
         Ok(())

@@ -326,3 +326,78 @@ async fn published_rows_are_marked_sent_and_the_relay_publishes_none_again() {
         "the relay published rows the front had published"
     );
 }
+
+/// One busy key cannot starve the others: while the busy key's counter row is locked (here by
+/// the test, as a long burst would keep it), its admissions wait in the front, at most
+/// `server.admissions_per_key` of them holding a pooled connection, and another key is admitted
+/// through the remaining connections at once. Then every waiting admission goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_key_does_not_take_every_pooled_connection() {
+    let mut config = common::isolated_config(vec![ModelConfig::mock("mock-1")]);
+    // One connection is the front's LISTEN; the relay and the sweeper use one now and then.
+    config.database.max_connections = 6;
+    let env = Arc::new(TestEnv::front_with(config).await);
+    let busy = env.key().await;
+    let other = env.key().await;
+    // Look both keys up once, so their look-ups are cached and need no connection.
+    env.submit_ok(&busy, "mock-1", "first").await;
+    env.submit_ok(&other, "mock-1", "first").await;
+
+    // The test's own connections are not the front's.
+    use sqlx::Connection;
+    let mut watching = sqlx::PgConnection::connect(&env.config.database.url)
+        .await
+        .unwrap();
+    let mut lock = sqlx::PgConnection::connect(&env.config.database.url)
+        .await
+        .unwrap();
+    let mut lock = lock.begin().await.unwrap();
+    sqlx::query(
+        "SELECT 1 FROM tollgate.key_counters c JOIN tollgate.api_keys k ON k.id = c.key_id
+          WHERE k.key_hash = $1 FOR UPDATE OF c",
+    )
+    .bind(tollgate::store::keys::hash_secret(&busy))
+    .execute(&mut *lock)
+    .await
+    .unwrap();
+    let waiting: Vec<_> = (0..12)
+        .map(|i| {
+            let (env, busy) = (env.clone(), busy.clone());
+            tokio::spawn(async move { env.submit_ok(&busy, "mock-1", &format!("busy {i}")).await })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while blocked_in_postgres(&mut watching).await.unwrap() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no admission waits for the lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The busy key's row is still locked: the other key goes through the free connections.
+    let admitted = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        env.submit_ok(&other, "mock-1", "not starved"),
+    )
+    .await;
+    assert!(admitted.is_ok(), "the other key waited behind the busy one");
+    let blocked = blocked_in_postgres(&mut watching).await.unwrap();
+    assert_eq!(
+        blocked, 2,
+        "admissions of the busy key waiting in PostgreSQL"
+    );
+    lock.commit().await.unwrap();
+    for submit in waiting {
+        submit.await.unwrap();
+    }
+}
+
+/// Sessions of this database waiting for a lock.
+async fn blocked_in_postgres(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(conn)
+    .await
+}

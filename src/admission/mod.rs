@@ -26,6 +26,7 @@
 //! `20261124000002_exact_admission.sql` when the job reaches a terminal state or is deleted.
 
 pub mod guardrails;
+mod turns;
 
 use std::{sync::Arc, time::Duration};
 
@@ -176,6 +177,7 @@ pub struct Admission {
     config: Arc<Config>,
     guardrails: Guardrails,
     keys: KeyCache,
+    turns: turns::KeyTurns,
 }
 
 /// The one statement admission runs, with its parameters in order: key id, estimated input
@@ -292,11 +294,13 @@ impl Admission {
     pub fn new(pool: PgPool, config: Arc<Config>) -> Result<Self, regex::Error> {
         let guardrails = Guardrails::new(&config.guardrails)?;
         let keys = KeyCache::new(Duration::from_millis(config.server.key_cache_ms));
+        let turns = turns::KeyTurns::new(config.server.admissions_per_key);
         Ok(Self {
             pool,
             config,
             guardrails,
             keys,
+            turns,
         })
     }
 
@@ -377,6 +381,9 @@ impl Admission {
         let message = JobMessage::new(id, &model.name);
         let outbox_payload = serde_json::to_value(&message).expect("a job message serialises");
         let tokens = estimate.tokens as i64;
+        // At most a few of this key's admissions wait for its row lock, each holding a pooled
+        // connection; the others wait here (`turns.rs`).
+        let _turn = self.turns.take(key.id).await;
         let decided: Admit = sqlx::query_as(ADMIT_SQL)
             .bind(key.id)
             .bind(tokens)
