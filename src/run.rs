@@ -13,7 +13,7 @@ use crate::{
     api::{self, AppState},
     config::Config,
     queue::{
-        outbox::{self, SentMarks},
+        outbox::{self, Dispatch},
         Publisher,
     },
     store::{self, jobs, notify::JobWatch},
@@ -61,13 +61,13 @@ pub async fn serve(
         admission.keys().clone(),
         shutdown.clone(),
     );
-    let (sent, marking) = SentMarks::start(pool.clone());
+    let (dispatch, marking) = Dispatch::start(pool.clone(), publisher.clone());
     let state = AppState {
         pool,
         watch,
         config,
         publisher: publisher.clone(),
-        sent,
+        dispatch,
         admission,
     };
     tracing::info!(listen = %listener.local_addr()?, "front listening");

@@ -37,7 +37,7 @@ pub use stream::StreamEvent;
 use crate::{
     admission::Admission,
     config::Config,
-    queue::{outbox::SentMarks, Publisher},
+    queue::{outbox::Dispatch, Publisher},
     store::notify::JobWatch,
 };
 
@@ -47,8 +47,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub config: Arc<Config>,
     pub publisher: Arc<Publisher>,
-    /// Published outbox rows, marked sent in batches.
-    pub sent: SentMarks,
+    /// Publishes admitted jobs and marks their outbox rows sent.
+    pub dispatch: Dispatch,
     pub admission: Arc<Admission>,
     /// Wake-ups for readers that follow a job (streams, synchronous requests).
     pub watch: JobWatch,

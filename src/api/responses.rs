@@ -188,16 +188,8 @@ async fn create(
             outbox_id,
             message,
         }) => {
-            // Fast path: publish now. If RabbitMQ is unreachable the job is still committed and
-            // its outbox row unsent; the relay publishes it when RabbitMQ is back. Marking the
-            // row sent is bookkeeping the client need not wait for, done in batches; if it is
-            // lost, the relay publishes a second copy, which the worker skips.
-            match state.publisher.publish(&message).await {
-                Ok(()) => state.sent.mark(outbox_id),
-                Err(e) => {
-                    tracing::warn!(job_id = %job.id, error = %e, "publish failed; the outbox relay will retry");
-                }
-            }
+            // Published now; whatever fails here, the outbox relay publishes later.
+            state.dispatch.publish(outbox_id, &message).await;
             job
         }
         Ok(Admitted::Replayed(job)) => job,

@@ -1,12 +1,17 @@
-//! The transactional outbox. Admission writes an outbox row beside the job, in its one statement;
-//! the front publishes right after and marks the row sent, in batches ([`SentMarks`]). The relay publishes any row
-//! left unsent (RabbitMQ was down, the front crashed between commit and publish), so every
-//! committed job is published at least once. A second publish is harmless: the worker skips a job
-//! that is not `queued`.
+//! The transactional outbox, whole: every way a job's message is written, published and marked.
 //!
-//! A job that needs a message again gets a new outbox row in the transaction that decides so:
-//! one whose worker died ([`rescue_lapsed`]), and one left `queued` whose message was lost —
-//! dead-lettered, purged — ([`requeue_overdue`]).
+//! - Admission's one statement (`tollgate.admit`, `admission/`) writes the job's outbox row
+//!   beside the job, so a committed job always has its message on record.
+//! - The front publishes it right after and has the row marked sent, many rows per statement
+//!   ([`Dispatch`]).
+//! - The relay ([`run_relay`]) publishes any row left unsent — RabbitMQ was down, the front
+//!   stopped between admission and publish, a mark was lost — so every committed job is
+//!   published at least once. A second publish is harmless: the worker drops a message for a job
+//!   that is not `queued`, or that a live attempt holds.
+//! - A job that needs a message again gets a new row in the transaction that decides so: one
+//!   whose worker died ([`rescue_lapsed`]), and one left `queued` whose message was lost —
+//!   dead-lettered, purged — ([`requeue_overdue`]).
+//! - Published rows are removed after a day by the front's sweeper (`store/retention.rs`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -24,21 +29,23 @@ const RELAY_BATCH: i64 = 100;
 /// Published rows marked sent per statement at most.
 const MARK_BATCH: usize = 1000;
 
-/// Marks the rows the front has published as sent, many per statement: a background task takes
-/// every id handed to [`SentMarks::mark`] since its last statement and marks them with one
-/// `UPDATE`, so a job costs no commit of its own after its admission. A mark that is lost (the
-/// front stopped first, PostgreSQL was out of reach, the queue of marks was full) leaves its row
-/// unsent: the relay publishes it again and the worker drops the duplicate.
+/// The front's publishing of the jobs it has just admitted: publish at once, then mark the row
+/// sent, many rows per statement — a background task takes every id published since its last
+/// statement and marks them with one `UPDATE`, so a job costs no commit of its own after its
+/// admission. A publish that fails leaves the row to the relay; a mark that is lost (the front
+/// stopped first, PostgreSQL was out of reach, too many marks waiting) leaves its row unsent, and
+/// the relay publishes it again, which the worker drops as a duplicate.
 #[derive(Clone)]
-pub struct SentMarks {
-    ids: mpsc::Sender<i64>,
+pub struct Dispatch {
+    publisher: Arc<Publisher>,
+    sent: mpsc::Sender<i64>,
 }
 
-impl SentMarks {
-    /// Starts the marking task; it ends once every `SentMarks` is dropped and the last marks
-    /// are written.
-    pub fn start(pool: PgPool) -> (Self, tokio::task::JoinHandle<()>) {
-        let (ids, mut received) = mpsc::channel(64 * MARK_BATCH);
+impl Dispatch {
+    /// Starts the marking task; it ends once every `Dispatch` is dropped and the last marks are
+    /// written.
+    pub fn start(pool: PgPool, publisher: Arc<Publisher>) -> (Self, tokio::task::JoinHandle<()>) {
+        let (sent, mut received) = mpsc::channel(64 * MARK_BATCH);
         let task = tokio::spawn(async move {
             let mut batch = Vec::with_capacity(MARK_BATCH);
             while received.recv_many(&mut batch, MARK_BATCH).await > 0 {
@@ -48,16 +55,24 @@ impl SentMarks {
                 batch.clear();
             }
         });
-        (Self { ids }, task)
+        (Self { publisher, sent }, task)
     }
 
-    /// Marks this row sent soon (never waits).
-    pub fn mark(&self, outbox_id: i64) {
-        if self.ids.try_send(outbox_id).is_err() {
-            tracing::debug!(
-                outbox_id,
-                "too many marks waiting; the relay may publish this row again"
-            );
+    /// Publishes the message of a job just admitted (its outbox row `outbox_id`) and has the row
+    /// marked sent; never fails: what is not done here, the relay does.
+    pub async fn publish(&self, outbox_id: i64, message: &JobMessage) {
+        match self.publisher.publish(message).await {
+            Ok(()) => {
+                if self.sent.try_send(outbox_id).is_err() {
+                    tracing::debug!(
+                        outbox_id,
+                        "too many marks waiting; the relay may publish this row again"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %message.job_id, error = %e, "publish failed; the outbox relay will retry");
+            }
         }
     }
 }
