@@ -82,9 +82,10 @@ async fn an_ambiguous_prefix_revokes_nothing_and_an_id_revokes_one() {
     assert!(keys::find_live(&env.pool, &first).await.unwrap().is_some());
 }
 
-/// The front caches keys it looked up (`server.key_cache_ms`, 10 s by default), yet a key revoked
-/// while cached is never admitted once `revoke` has returned, and the front stops serving it as
-/// soon as the revoke's notification arrives, long before the cache would have let it go.
+/// The front caches keys it looked up (`server.key_cache_ms`, 10 s by default), yet a key changed
+/// by hand is seen as soon as the change's notification arrives, a key revoked while cached is
+/// never admitted once `revoke` has returned, and the front stops serving it as soon as the
+/// revoke's notification arrives, long before the cache would have let it go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_key_is_refused_once_revoked() {
     let mut config = common::isolated_config(vec![ModelConfig::mock("mock-1")]);
@@ -97,6 +98,24 @@ async fn a_cached_key_is_refused_once_revoked() {
         .fetch_one(&env.pool)
         .await
         .unwrap();
+    // An operator's own UPDATE of the key is seen at once too.
+    let body = serde_json::json!({"model": "mock-1", "input": "allowed?", "background": true});
+    sqlx::query("UPDATE tollgate.api_keys SET allowed_models = ARRAY['another-model']")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    env.wait_for(std::time::Duration::from_secs(5), || async {
+        env.submit(&secret, body.clone()).await.0 == 403
+    })
+    .await;
+    sqlx::query("UPDATE tollgate.api_keys SET allowed_models = NULL")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    env.wait_for(std::time::Duration::from_secs(5), || async {
+        env.submit(&secret, body.clone()).await.0 == 200
+    })
+    .await;
     let revoked = keys::revoke(&env.pool, &key_id.to_string()).await.unwrap();
     assert!(matches!(revoked, Revoked::One(..)), "{revoked:?}");
     // Admission checks the key under its lock: refused at once, nothing written.

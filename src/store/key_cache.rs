@@ -1,9 +1,9 @@
 //! Key look-ups cached in the front. Every request presents a key; looking it up in PostgreSQL
 //! each time is a round trip per request. A key found live is kept here for
-//! `server.key_cache_ms`, and dropped at once when it is revoked: `keys revoke` notifies
-//! [`CHANNEL`] in its transaction, and the process's listener (`store/notify.rs`) forgets the key
-//! on the notification, or forgets every key when its connection was lost (notifications sent
-//! meanwhile are gone).
+//! `server.key_cache_ms`, and dropped at once when it changes: a trigger on `tollgate.api_keys`
+//! notifies [`CHANNEL`] on every update or delete of a key (a revoke, or an operator's own SQL),
+//! and the process's listener (`store/notify.rs`) forgets the key on the notification, or forgets
+//! every key when its connection was lost (notifications sent meanwhile are gone).
 //!
 //! A cached key is never what admits a request: `tollgate.admit` locks the key's counters only if
 //! the key is live at that moment, so a key revoked before `keys revoke` returned is refused

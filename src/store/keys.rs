@@ -178,12 +178,8 @@ pub async fn revoke(pool: &PgPool, id_or_prefix: &str) -> Result<Revoked, sqlx::
         .bind(key_id)
         .execute(&mut *tx)
         .await?;
-    // Delivered at commit: every front drops the key from its cache (`store/key_cache.rs`).
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(super::key_cache::CHANNEL)
-        .bind(key_id.0.to_string())
-        .execute(&mut *tx)
-        .await?;
+    // The row's trigger announces the change at commit: every front drops the key from its
+    // cache (`store/key_cache.rs`).
     tx.commit().await?;
     Ok(Revoked::One(key_id, name))
 }
