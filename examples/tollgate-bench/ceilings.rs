@@ -25,9 +25,9 @@ use tollgate::{
 };
 
 use crate::{
-    env::{Env, Registry, MODEL},
+    env::{self, Env, Registry, MODEL},
     load,
-    report::{self, Figures, Pgbench},
+    report::{Figures, Pgbench},
     Settings,
 };
 
@@ -36,11 +36,15 @@ pub async fn run(
     registry: &Registry,
     figures: &mut Figures,
 ) -> anyhow::Result<()> {
-    let mut env = Env::new(settings, registry, "ceilings", |_| {})?;
-    let result = measure(settings, &mut env, figures).await;
-    env.finish(result).await?;
-    println!("{}", report::text(figures, "ceilings"));
-    Ok(())
+    env::phase(
+        settings,
+        registry,
+        "ceilings",
+        |_| {},
+        figures,
+        async |env, figures| measure(settings, env, figures).await,
+    )
+    .await
 }
 
 async fn measure(settings: &Settings, env: &mut Env, figures: &mut Figures) -> anyhow::Result<()> {

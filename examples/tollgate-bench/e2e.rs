@@ -8,9 +8,9 @@ use anyhow::bail;
 use sqlx::PgConnection;
 
 use crate::{
-    env::{Env, Registry, Role, MODEL},
+    env::{self, Env, Registry, Role, MODEL},
     load,
-    report::{self, E2e, Figures},
+    report::{E2e, Figures},
     Settings,
 };
 
@@ -19,13 +19,17 @@ pub async fn run(
     registry: &Registry,
     figures: &mut Figures,
 ) -> anyhow::Result<()> {
-    let mut env = Env::new(settings, registry, "e2e", |c| {
-        c.worker.concurrency = settings.worker_concurrency;
-    })?;
-    let result = measure(settings, &mut env, figures).await;
-    env.finish(result).await?;
-    println!("{}", report::text(figures, "e2e"));
-    Ok(())
+    env::phase(
+        settings,
+        registry,
+        "e2e",
+        |c| {
+            c.worker.concurrency = settings.worker_concurrency;
+        },
+        figures,
+        async |env, figures| measure(settings, env, figures).await,
+    )
+    .await
 }
 
 async fn measure(settings: &Settings, env: &mut Env, figures: &mut Figures) -> anyhow::Result<()> {

@@ -23,7 +23,10 @@ use tokio::process::{Child, Command};
 use tollgate::config::{Config, ModelConfig};
 use uuid::Uuid;
 
-use crate::Settings;
+use crate::{
+    report::{self, Figures},
+    Settings,
+};
 
 /// The database, the AMQP names and the directory of every phase that has not cleaned up yet.
 #[derive(Clone, Default)]
@@ -353,6 +356,24 @@ impl Env {
         self.registry.remove(&self.id);
         result
     }
+}
+
+/// Runs one phase in a tollgate of its own (`tune` adjusts its configuration): `measure` fills
+/// `figures`; the processes, database and queues are removed whatever the result, and the
+/// phase's figures are printed.
+pub async fn phase(
+    settings: &Arc<Settings>,
+    registry: &Registry,
+    name: &str,
+    tune: impl FnOnce(&mut Config),
+    figures: &mut Figures,
+    measure: impl AsyncFnOnce(&mut Env, &mut Figures) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut env = Env::new(settings, registry, name, tune)?;
+    let result = measure(&mut env, figures).await;
+    env.finish(result).await?;
+    println!("{}", report::text(figures, name));
+    Ok(())
 }
 
 /// SIGTERM, a bounded wait, then SIGKILL.

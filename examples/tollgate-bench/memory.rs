@@ -10,9 +10,9 @@ use tokio_util::sync::CancellationToken;
 use tollgate::config::ModelConfig;
 
 use crate::{
-    env::{rss_kib, Env, Registry, Role},
+    env::{self, rss_kib, Env, Registry, Role},
     load,
-    report::{self, mib, Figures, Memory},
+    report::{mib, Figures, Memory},
     Settings,
 };
 
@@ -25,19 +25,23 @@ pub async fn run(
     registry: &Registry,
     figures: &mut Figures,
 ) -> anyhow::Result<()> {
-    let mut env = Env::new(settings, registry, "memory", |c| {
-        c.worker.concurrency = settings.worker_concurrency;
-        c.server.max_followers_per_key = settings.followers;
-        let mut model = ModelConfig::mock(HOLD);
-        model.mock_deltas = HOLD_DELTAS;
-        model.mock_delay_ms = 2000;
-        model.max_output_tokens = HOLD_DELTAS;
-        c.models.push(model);
-    })?;
-    let result = measure(settings, &mut env, figures).await;
-    env.finish(result).await?;
-    println!("{}", report::text(figures, "memory"));
-    Ok(())
+    env::phase(
+        settings,
+        registry,
+        "memory",
+        |c| {
+            c.worker.concurrency = settings.worker_concurrency;
+            c.server.max_followers_per_key = settings.followers;
+            let mut model = ModelConfig::mock(HOLD);
+            model.mock_deltas = HOLD_DELTAS;
+            model.mock_delay_ms = 2000;
+            model.max_output_tokens = HOLD_DELTAS;
+            c.models.push(model);
+        },
+        figures,
+        async |env, figures| measure(settings, env, figures).await,
+    )
+    .await
 }
 
 /// The largest of a few samples of a process's RSS over `span`.

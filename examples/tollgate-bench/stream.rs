@@ -19,9 +19,9 @@ use tollgate::config::ModelConfig;
 
 use crate::{
     e2e::wait_finished,
-    env::{Env, Registry, Role},
+    env::{self, Env, Registry, Role},
     load,
-    report::{self, n, Figures, Stream},
+    report::{n, Figures, Stream},
     Settings,
 };
 
@@ -33,23 +33,27 @@ pub async fn run(
     registry: &Registry,
     figures: &mut Figures,
 ) -> anyhow::Result<()> {
-    let mut env = Env::new(settings, registry, "stream", |c| {
-        c.worker.concurrency = settings.worker_concurrency;
-        for (name, deltas) in [
-            (LONG, settings.stream_deltas),
-            (SHORT, settings.stream_job_deltas),
-        ] {
-            let mut model = ModelConfig::mock(name);
-            model.mock_deltas = deltas;
-            model.mock_delay_ms = 0;
-            model.max_output_tokens = deltas.max(1);
-            c.models.push(model);
-        }
-    })?;
-    let result = measure(settings, &mut env, figures).await;
-    env.finish(result).await?;
-    println!("{}", report::text(figures, "stream"));
-    Ok(())
+    env::phase(
+        settings,
+        registry,
+        "stream",
+        |c| {
+            c.worker.concurrency = settings.worker_concurrency;
+            for (name, deltas) in [
+                (LONG, settings.stream_deltas),
+                (SHORT, settings.stream_job_deltas),
+            ] {
+                let mut model = ModelConfig::mock(name);
+                model.mock_deltas = deltas;
+                model.mock_delay_ms = 0;
+                model.max_output_tokens = deltas.max(1);
+                c.models.push(model);
+            }
+        },
+        figures,
+        async |env, figures| measure(settings, env, figures).await,
+    )
+    .await
 }
 
 /// Cumulative counts of the phase's database.

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use crate::{
-    env::{Env, Registry, Role, MODEL},
+    env::{self, Env, Registry, Role, MODEL},
     load::{self, LoadOutcome},
-    report::{self, Figures, Submit},
+    report::{Figures, Submit},
     Settings,
 };
 
@@ -16,11 +16,15 @@ pub async fn run(
     registry: &Registry,
     figures: &mut Figures,
 ) -> anyhow::Result<()> {
-    let mut env = Env::new(settings, registry, "submit", |_| {})?;
-    let result = measure(settings, &mut env, figures).await;
-    env.finish(result).await?;
-    println!("{}", report::text(figures, "submit"));
-    Ok(())
+    env::phase(
+        settings,
+        registry,
+        "submit",
+        |_| {},
+        figures,
+        async |env, figures| measure(settings, env, figures).await,
+    )
+    .await
 }
 
 async fn measure(settings: &Settings, env: &mut Env, figures: &mut Figures) -> anyhow::Result<()> {

@@ -205,21 +205,12 @@ struct Admit {
     budget_left: Option<i64>,
 }
 
-/// A request and its tokens counted in a one-minute window.
-#[derive(Debug, sqlx::FromRow)]
-struct Window {
-    requests: i32,
-    tokens: i64,
-    window_start: DateTime<Utc>,
-}
-
-impl Window {
-    fn reset_secs(&self) -> u64 {
-        let end = self.window_start + chrono::Duration::seconds(60);
-        ((end - Utc::now()).num_milliseconds().max(0) as u64)
-            .div_ceil(1000)
-            .max(1)
-    }
+/// Seconds until the one-minute window that started at `window_start` ends (at least 1).
+fn reset_secs(window_start: DateTime<Utc>) -> u64 {
+    let end = window_start + chrono::Duration::seconds(60);
+    ((end - Utc::now()).num_milliseconds().max(0) as u64)
+        .div_ceil(1000)
+        .max(1)
 }
 
 /// The worst-case cost admission reserves for a request without history: the input's upper
@@ -401,34 +392,22 @@ impl Admission {
             .fetch_one(&self.pool)
             .await?;
         if let Some(window_start) = decided.window_start {
-            let window = Window {
-                requests: decided.window_requests.unwrap_or(0),
-                tokens: decided.window_tokens.unwrap_or(0),
-                window_start,
-            };
-            let reset_secs = window.reset_secs();
+            let reset_secs = reset_secs(window_start);
+            let requests = decided.window_requests.unwrap_or(0) as i64;
+            let tokens = decided.window_tokens.unwrap_or(0);
             rates.requests = decided.rpm_limit.map(|limit| Quota {
                 limit: limit as i64,
-                remaining: (limit as i64 - window.requests as i64).max(0),
+                remaining: (limit as i64 - requests).max(0),
                 reset_secs,
             });
             rates.tokens = decided.tpm_limit.map(|limit| Quota {
                 limit: limit as i64,
-                remaining: (limit as i64 - window.tokens).max(0),
+                remaining: (limit as i64 - tokens).max(0),
                 reset_secs,
             });
         }
         let limit = decided.limit_value.unwrap_or(0);
-        let retry_after_secs = || {
-            decided.reject_window_start.map_or(1, |window_start| {
-                Window {
-                    requests: 0,
-                    tokens: 0,
-                    window_start,
-                }
-                .reset_secs()
-            })
-        };
+        let retry_after_secs = || decided.reject_window_start.map_or(1, reset_secs);
         match decided.outcome.as_str() {
             "admitted" => {}
             "replayed" => {
