@@ -203,10 +203,12 @@ pub struct ServerConfig {
     /// How long the front keeps a key it looked up (0: not at all). A revoked key is dropped at
     /// once, and is never admitted whatever the cache holds.
     pub key_cache_ms: u64,
-    /// Admissions of one key in PostgreSQL at once from one front (each holds a pooled
+    /// Admission statements of one key in PostgreSQL at once from one front (each holds a pooled
     /// connection while it waits for the key's row lock); the key's other requests wait in the
-    /// front. Keeps one busy key from starving the others.
+    /// front and join the next batch. Keeps one busy key from starving the others.
     pub admissions_per_key: usize,
+    /// Requests of one key decided in one statement (one lock, one commit) at most.
+    pub admission_batch: usize,
 }
 
 impl Default for ServerConfig {
@@ -231,6 +233,7 @@ impl Default for ServerConfig {
             max_followers_per_key: 64,
             key_cache_ms: 10_000,
             admissions_per_key: 2,
+            admission_batch: 64,
         }
     }
 }
@@ -606,6 +609,11 @@ impl Config {
         if self.server.admissions_per_key == 0 {
             return Err(ConfigError::Invalid(
                 "server.admissions_per_key must be > 0".into(),
+            ));
+        }
+        if self.server.admission_batch == 0 {
+            return Err(ConfigError::Invalid(
+                "server.admission_batch must be > 0".into(),
             ));
         }
         Ok(())

@@ -330,7 +330,8 @@ async fn published_rows_are_marked_sent_and_the_relay_publishes_none_again() {
 /// One busy key cannot starve the others: while the busy key's counter row is locked (here by
 /// the test, as a long burst would keep it), its admissions wait in the front, at most
 /// `server.admissions_per_key` of them holding a pooled connection, and another key is admitted
-/// through the remaining connections at once. Then every waiting admission goes through.
+/// through the remaining connections at once. Then every waiting admission goes through, the
+/// ones that waited in the front together in one batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_key_does_not_take_every_pooled_connection() {
     let mut config = common::isolated_config(vec![ModelConfig::mock("mock-1")]);
@@ -386,10 +387,26 @@ async fn a_busy_key_does_not_take_every_pooled_connection() {
         blocked, 2,
         "admissions of the busy key waiting in PostgreSQL"
     );
+    // Give the busy key's other requests time to reach the front's queue.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     lock.commit().await.unwrap();
     for submit in waiting {
         submit.await.unwrap();
     }
+    // They waited in the front and were decided together: the two statements that waited for
+    // the lock, then one batch for the ten behind them (at most two, should a runner take its
+    // turn between) — jobs committed by one statement share its transaction id.
+    let transactions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT xmin::text) FROM tollgate.jobs
+          WHERE request->>'input' LIKE 'busy %'",
+    )
+    .fetch_one(&mut watching)
+    .await
+    .unwrap();
+    assert!(
+        (2..=4).contains(&transactions),
+        "12 admissions of the busy key committed in {transactions} transactions"
+    );
 }
 
 /// Sessions of this database waiting for a lock.

@@ -2,9 +2,11 @@
 //!
 //! Before PostgreSQL is asked: authenticate the key, validate the body, resolve the model, check
 //! the allow-list, estimate the input tokens and run the guardrails (a webhook may take a while; no
-//! lock is held meanwhile). Then ONE statement on an autocommit connection, one round trip:
-//! `SELECT * FROM tollgate.admit(…)`, a PL/pgSQL function (migration
-//! `20261130000001_admit_in_one_statement.sql`) that, in its single transaction,
+//! lock is held meanwhile). Then the request joins its key's next batch (`batches.rs`): ONE
+//! statement on an autocommit connection decides every request of the batch in one transaction,
+//! `tollgate.admit_batch` (migration `20261201000001_admit_batch.sql`), which calls, for each
+//! request in order, `tollgate.admit(…)`, a PL/pgSQL function (migration
+//! `20261130000001_admit_in_one_statement.sql`) that
 //!
 //! 1. locks the key's counter row (`FOR UPDATE`), re-checking that the key is live — this
 //!    serialises every admission of the key, and each later statement of the function takes a
@@ -25,8 +27,8 @@
 //! redelivery) runs admission again. What admission takes is given back by the triggers of
 //! `20261124000002_exact_admission.sql` when the job reaches a terminal state or is deleted.
 
+mod batches;
 pub mod guardrails;
-mod turns;
 
 use std::{sync::Arc, time::Duration};
 
@@ -177,13 +179,14 @@ pub struct Admission {
     config: Arc<Config>,
     guardrails: Guardrails,
     keys: KeyCache,
-    turns: turns::KeyTurns,
+    batches: batches::KeyBatches,
 }
 
-/// The one statement admission runs, with its parameters in order: key id, estimated input
-/// tokens, reservation (micro-USD), model, the model's rpm and tpm limits (or NULL),
-/// Idempotency-Key, request hash, job id, request (jsonb), history (jsonb), previous response id,
-/// outbox payload (jsonb). The benchmark's pgbench ceiling runs this same text.
+/// Admission of one request, with its parameters in order: key id, estimated input tokens,
+/// reservation (micro-USD), model, the model's rpm and tpm limits (or NULL), Idempotency-Key,
+/// request hash, job id, request (jsonb), history (jsonb), previous response id, outbox payload
+/// (jsonb). `tollgate.admit_batch` calls this function for each request of a batch; the
+/// benchmark's pgbench ceiling runs this text, one request a transaction.
 pub const ADMIT_SQL: &str =
     "SELECT * FROM tollgate.admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
 
@@ -285,13 +288,17 @@ impl Admission {
     pub fn new(pool: PgPool, config: Arc<Config>) -> Result<Self, regex::Error> {
         let guardrails = Guardrails::new(&config.guardrails)?;
         let keys = KeyCache::new(Duration::from_millis(config.server.key_cache_ms));
-        let turns = turns::KeyTurns::new(config.server.admissions_per_key);
+        let batches = batches::KeyBatches::new(
+            pool.clone(),
+            config.server.admissions_per_key,
+            config.server.admission_batch,
+        );
         Ok(Self {
             pool,
             config,
             guardrails,
             keys,
-            turns,
+            batches,
         })
     }
 
@@ -372,24 +379,25 @@ impl Admission {
         let message = JobMessage::new(id, &model.name);
         let outbox_payload = serde_json::to_value(&message).expect("a job message serialises");
         let tokens = estimate.tokens as i64;
-        // At most a few of this key's admissions wait for its row lock, each holding a pooled
-        // connection; the others wait here (`turns.rs`).
-        let _turn = self.turns.take(key.id).await;
-        let decided: Admit = sqlx::query_as(ADMIT_SQL)
-            .bind(key.id)
-            .bind(tokens)
-            .bind(reserve.0)
-            .bind(&model.name)
-            .bind(model.rpm_limit.map(i64::from))
-            .bind(model.tpm_limit.map(|t| t as i64))
-            .bind(submission.idempotency_key)
-            .bind(&request_hash[..])
-            .bind(id)
-            .bind(sqlx::types::Json(&raw))
-            .bind(history_json.as_ref().map(sqlx::types::Json))
-            .bind(previous)
-            .bind(sqlx::types::Json(&outbox_payload))
-            .fetch_one(&self.pool)
+        let decided = self
+            .batches
+            .admit(
+                key.id,
+                batches::Request {
+                    tokens,
+                    reserve: reserve.0,
+                    model: model.name.clone(),
+                    model_rpm: model.rpm_limit.map(i64::from),
+                    model_tpm: model.tpm_limit.map(|t| t as i64),
+                    idempotency_key: submission.idempotency_key.map(str::to_owned),
+                    request_hash: request_hash.to_vec(),
+                    job_id: id.0,
+                    request: raw.clone(),
+                    history: history_json,
+                    previous_response_id: previous.map(|p| p.0),
+                    outbox_payload,
+                },
+            )
             .await?;
         if let Some(window_start) = decided.window_start {
             let reset_secs = reset_secs(window_start);
