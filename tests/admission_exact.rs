@@ -379,6 +379,57 @@ async fn a_model_limit_is_shared_across_keys() {
     assert_eq!(env.snapshot().await.jobs, 3);
 }
 
+/// Batches of different keys that mix models with limits lock the models' shared windows in one
+/// order, so they never wait for each other in a cycle: a burst where every key sends both models
+/// in turn is admitted whole (a deadlock would answer 500), and each model's window counts
+/// exactly its requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_mixing_limited_models_across_keys_never_deadlock() {
+    let models: Vec<ModelConfig> = ["limited-a", "limited-b"]
+        .into_iter()
+        .map(|name| {
+            let mut model = ModelConfig::mock(name);
+            model.rpm_limit = Some(100_000);
+            model
+        })
+        .collect();
+    let env = Arc::new(TestEnv::front_only(models).await);
+    let mut keys = Vec::new();
+    for _ in 0..4 {
+        keys.push(env.key().await);
+    }
+    leave_room_in_minute(30).await;
+    let results = join_all((0..400).map(|i| {
+        let (env, key) = (env.clone(), keys[i % 4].clone());
+        // Key 0 sends a, b, a, b…; key 1 b, a, b, a…: in arrival order, opposite orders.
+        let model = if (i / 4 + i % 2) % 2 == 0 {
+            "limited-a"
+        } else {
+            "limited-b"
+        };
+        async move { env.submit(&key, body(model)).await }
+    }))
+    .await;
+    for (status, body) in &results {
+        assert_eq!(*status, StatusCode::OK, "{body}");
+    }
+    let windows: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT model, sum(requests)::integer FROM tollgate.model_rate_windows
+          GROUP BY model ORDER BY model",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        windows,
+        vec![
+            ("limited-a".to_string(), 200),
+            ("limited-b".to_string(), 200)
+        ]
+    );
+    assert_eq!(env.snapshot().await.jobs, 400);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_identical_idempotent_requests_make_one_job() {
     let env = Arc::new(TestEnv::front_only(vec![ModelConfig::mock("mock-1")]).await);

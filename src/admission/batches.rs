@@ -13,7 +13,9 @@
 //! (each holds a pooled connection, and the second waits for the row lock while the first
 //! commits); the key's other requests wait here, in memory, holding no connection, and join the
 //! next batch. So one busy key cannot take every pooled connection from the others, and the busier
-//! a key, the larger its batches. A batch holds one key only, so batches cannot deadlock. The
+//! a key, the larger its batches. A batch holds one key only, and its requests are ordered by
+//! model, so the rows a batch locks — its key's, then the windows of the models with limits, by
+//! name — are taken in one order by every batch: batches cannot deadlock. The
 //! runner is its own task: a client that leaves does not cancel the batch others wait on, and a
 //! request whose client left before its batch began is dropped without being admitted.
 
@@ -131,10 +133,14 @@ async fn run(shared: Arc<Shared>, key: KeyId) {
             queue.waiting.drain(..n).collect()
         };
         // A client that left before its batch began is not admitted.
-        let (requests, replies): (Vec<Request>, Vec<Reply>) = batch
+        let mut batch: Vec<(Request, Reply)> = batch
             .into_iter()
             .filter(|(_, reply)| !reply.is_closed())
-            .unzip();
+            .collect();
+        // Models' windows are shared by every key: each batch locks them in the same order
+        // (the model's name), so two batches of different keys cannot wait for each other.
+        batch.sort_by(|(a, _), (b, _)| a.model.cmp(&b.model));
+        let (requests, replies): (Vec<Request>, Vec<Reply>) = batch.into_iter().unzip();
         if requests.is_empty() {
             continue;
         }
