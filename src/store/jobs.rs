@@ -82,6 +82,7 @@ pub enum Claim {
 /// A job a worker has just claimed.
 #[derive(Debug, sqlx::FromRow)]
 pub struct Claimed {
+    id: JobId,
     pub attempt: i32,
     /// Attempts the job has really used: `attempt` less the graceful hand-backs.
     pub tries: i32,
@@ -102,13 +103,26 @@ pub struct Claimed {
 /// whose lease expired (its worker is gone). The output of an earlier attempt is cleared; if that
 /// attempt was never charged (its worker died), its output is handed to the caller to charge, and
 /// the attempt counts as settled.
-#[tracing::instrument(skip_all, fields(job_id = %id))]
 pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim, sqlx::Error> {
-    let claimed: Option<Claimed> = sqlx::query_as(
+    let mut claims = claim_many(pool, &[id], lease_seconds).await?;
+    claims.pop().expect("one claim a job")
+}
+
+/// [`claim`] for many jobs in one statement (the worker's group commit), one answer per id in
+/// order. The rows are locked in the order of their ids, so two such statements cannot deadlock.
+/// An id given twice is claimed once: its later copies find the job [`Claim::Running`]. A claimed
+/// row that cannot be read is that id's own error.
+pub async fn claim_many(
+    pool: &PgPool,
+    ids: &[JobId],
+    lease_seconds: u32,
+) -> Result<Vec<Result<Claim, sqlx::Error>>, sqlx::Error> {
+    let uuids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+    let rows = sqlx::query(
         "WITH old AS (
              SELECT id, attempt, settled_attempt
                FROM tollgate.jobs
-              WHERE id = $1 FOR UPDATE
+              WHERE id = ANY($1) ORDER BY id FOR UPDATE
          )
          UPDATE tollgate.jobs j
             SET status = 'in_progress', attempt = j.attempt + 1, output_text = '',
@@ -119,38 +133,61 @@ pub async fn claim(pool: &PgPool, id: JobId, lease_seconds: u32) -> Result<Claim
            FROM old
           WHERE j.id = old.id
             AND (j.status = 'queued' OR (j.status = 'in_progress' AND j.lease_until < now()))
-          RETURNING j.attempt, j.attempt - j.handbacks AS tries, j.model, j.request, j.history,
-                    j.estimated_input_tokens,
+          RETURNING j.id, j.attempt, j.attempt - j.handbacks AS tries, j.model, j.request,
+                    j.history, j.estimated_input_tokens,
                     CASE WHEN old.attempt > old.settled_attempt THEN old.attempt END
                         AS abandoned_attempt",
     )
-    .bind(id)
+    .bind(&uuids)
     .bind(lease_seconds as f64)
-    .fetch_optional(pool)
+    .fetch_all(pool)
     .await?;
-    if let Some(mut claimed) = claimed {
-        if let Some(abandoned) = claimed.abandoned_attempt {
+    // Each row is read alone: a row this build cannot read fails its own job's claim (the
+    // worker then fails that job), not the batch's.
+    let mut claimed = std::collections::HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let id = JobId(sqlx::Row::try_get(row, "id")?);
+        claimed.insert(id, <Claimed as sqlx::FromRow<_>>::from_row(row));
+    }
+    for claim in claimed.values_mut().filter_map(|c| c.as_mut().ok()) {
+        if let Some(abandoned) = claim.abandoned_attempt {
             // After the claim: every batch the dead attempt wrote is committed and visible, and
             // it can write no more (its attempt no longer owns the row).
-            claimed.abandoned_output =
-                sqlx::query_scalar("SELECT tollgate.generated($1, $2, 'ta')")
-                    .bind(id)
-                    .bind(abandoned)
-                    .fetch_one(pool)
-                    .await?;
+            claim.abandoned_output = sqlx::query_scalar("SELECT tollgate.generated($1, $2, 'ta')")
+                .bind(claim.id)
+                .bind(abandoned)
+                .fetch_one(pool)
+                .await?;
         }
-        return Ok(Claim::Claimed(claimed));
     }
-    let status: Option<JobStatus> =
-        sqlx::query_scalar("SELECT status FROM tollgate.jobs WHERE id = $1")
-            .bind(id)
-            .fetch_optional(pool)
-            .await?;
-    Ok(match status {
-        None => Claim::Missing,
-        Some(JobStatus::Queued | JobStatus::InProgress) => Claim::Running,
-        Some(terminal) => Claim::Finished(terminal),
-    })
+    let unclaimed: Vec<Uuid> = uuids
+        .iter()
+        .filter(|id| !claimed.contains_key(&JobId(**id)))
+        .copied()
+        .collect();
+    let statuses: std::collections::HashMap<JobId, JobStatus> = if unclaimed.is_empty() {
+        Default::default()
+    } else {
+        sqlx::query_as("SELECT id, status FROM tollgate.jobs WHERE id = ANY($1)")
+            .bind(&unclaimed)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .collect()
+    };
+    Ok(ids
+        .iter()
+        .map(|id| match claimed.remove(id) {
+            Some(claim) => claim.map(Claim::Claimed),
+            None => Ok(match statuses.get(id) {
+                // Not looked up: an earlier copy of the id in this batch claimed it.
+                None if !unclaimed.contains(&id.0) => Claim::Running,
+                None => Claim::Missing,
+                Some(JobStatus::Queued | JobStatus::InProgress) => Claim::Running,
+                Some(terminal) => Claim::Finished(*terminal),
+            }),
+        })
+        .collect())
 }
 
 /// One attempt's batch of pieces to append, numbered from `seq_first`.
@@ -249,38 +286,82 @@ pub struct Outcome {
 /// (the in-flight slot, the budget reservation replaced by the charged cost, the TPM estimate
 /// replaced by the real usage). Returns false (and changes nothing) when this attempt no longer
 /// owns the job.
-#[tracing::instrument(skip_all, fields(job_id = %id, status = ?outcome.status))]
 pub async fn finish(
     pool: &PgPool,
     id: JobId,
     attempt: i32,
     outcome: &Outcome,
 ) -> Result<bool, sqlx::Error> {
-    debug_assert!(outcome.status.is_terminal());
-    let finished = sqlx::query(
-        "UPDATE tollgate.jobs
-            SET status = $3, input_tokens = $4, output_tokens = $5,
-                cost_micro_usd = coalesce(cost_micro_usd, 0) + $6, usage_estimated = $8,
-                incomplete_reason = $9, reasoning_tokens = $10, settled_attempt = attempt,
-                error = $7, finished_at = now(), updated_at = now(), lease_until = NULL,
-                output_text = tollgate.generated(id, attempt, 't'),
-                output_arguments = tollgate.generated(id, attempt, 'a')
-          WHERE id = $1 AND attempt = $2 AND status = 'in_progress'",
+    let finished = finish_many(
+        pool,
+        &[Finish {
+            id,
+            attempt,
+            outcome,
+        }],
     )
-    .bind(id)
-    .bind(attempt)
-    .bind(outcome.status)
-    .bind(outcome.spent.input_tokens)
-    .bind(outcome.spent.output_tokens)
-    .bind(outcome.spent.cost.0)
-    .bind(outcome.error.as_ref().map(Json))
-    .bind(outcome.spent.usage_estimated)
-    .bind(outcome.incomplete_reason)
-    .bind(outcome.spent.reasoning_tokens)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    Ok(finished == 1)
+    .await?;
+    Ok(finished[0])
+}
+
+/// One attempt to end, as [`finish`] takes it.
+#[derive(Debug)]
+pub struct Finish<'a> {
+    pub id: JobId,
+    pub attempt: i32,
+    pub outcome: &'a Outcome,
+}
+
+/// [`finish`] for many attempts in one statement (the worker's group commit),
+/// `tollgate.finish_batch` (migration `20261201000002_finish_in_batches.sql`), which takes its
+/// locks in the order every other transaction takes them. One answer per attempt, in order.
+pub async fn finish_many(pool: &PgPool, finishes: &[Finish<'_>]) -> Result<Vec<bool>, sqlx::Error> {
+    debug_assert!(finishes.iter().all(|f| f.outcome.status.is_terminal()));
+    let column = |f: &dyn Fn(&Finish) -> Option<i32>| finishes.iter().map(f).collect::<Vec<_>>();
+    let finished: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT * FROM tollgate.finish_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(finishes.iter().map(|f| f.id.0).collect::<Vec<_>>())
+    .bind(finishes.iter().map(|f| f.attempt).collect::<Vec<_>>())
+    .bind(
+        finishes
+            .iter()
+            .map(|f| f.outcome.status)
+            .collect::<Vec<_>>(),
+    )
+    .bind(column(&|f| f.outcome.spent.input_tokens))
+    .bind(column(&|f| f.outcome.spent.output_tokens))
+    .bind(
+        finishes
+            .iter()
+            .map(|f| f.outcome.spent.cost.0)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        finishes
+            .iter()
+            .map(|f| f.outcome.error.as_ref().map(Json))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        finishes
+            .iter()
+            .map(|f| f.outcome.spent.usage_estimated)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        finishes
+            .iter()
+            .map(|f| f.outcome.incomplete_reason)
+            .collect::<Vec<_>>(),
+    )
+    .bind(column(&|f| f.outcome.spent.reasoning_tokens))
+    .fetch_all(pool)
+    .await?;
+    Ok(finishes
+        .iter()
+        .map(|f| finished.contains(&f.id.0))
+        .collect())
 }
 
 /// What cancelling found.

@@ -89,7 +89,7 @@ async fn run_inner(
     abort: &CancellationToken,
 ) -> Result<Disposition, sqlx::Error> {
     let settings = &worker.config.worker;
-    let claimed = match jobs::claim(&worker.pool, id, settings.lease_seconds).await? {
+    let claimed = match worker.claims.call(id).await?? {
         Claim::Claimed(claimed) => claimed,
         Claim::Finished(status) => {
             tracing::info!(?status, "job already finished; message skipped");
@@ -254,14 +254,19 @@ async fn run_inner(
             return Ok(Disposition::Requeue);
         }
     };
-    if jobs::finish(&worker.pool, id, attempt, &outcome).await? {
+    let (status, cost, usage_estimated) = (
+        outcome.status,
+        outcome.spent.cost,
+        outcome.spent.usage_estimated,
+    );
+    if worker.finishes.call((id, attempt, outcome)).await? {
         tracing::info!(
-            status = ?outcome.status,
-            cost_micro_usd = outcome.spent.cost.0,
-            usage_estimated = ?outcome.spent.usage_estimated,
+            ?status,
+            cost_micro_usd = cost.0,
+            ?usage_estimated,
             "job finished"
         );
-        let status = serde_json::to_value(outcome.status).expect("status serialises");
+        let status = serde_json::to_value(status).expect("status serialises");
         crate::metrics::increment(
             "tollgate_jobs_finished_total",
             "status",
@@ -496,7 +501,7 @@ impl Batch {
         self.next_seq += pieces.len() as i32;
         worker
             .writer
-            .append(jobs::Append {
+            .call(jobs::Append {
                 id,
                 attempt,
                 seq_first,

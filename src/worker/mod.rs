@@ -85,8 +85,10 @@ pub struct Worker {
     http: Arc<HashMap<String, reqwest::Client>>,
     /// Running jobs, to stop when their cancellation is announced.
     running: Arc<Mutex<HashMap<JobId, CancellationToken>>>,
-    /// Writes every running job's streamed output, many jobs per statement.
-    writer: writer::EventWriter,
+    /// Claims, streamed output and finishes of every running job, many jobs per statement.
+    claims: writer::Group<JobId, Result<jobs::Claim, sqlx::Error>>,
+    writer: writer::Group<jobs::Append, bool>,
+    finishes: writer::Group<(JobId, i32, jobs::Outcome), bool>,
 }
 
 /// Channel on which PostgreSQL announces cancelled running jobs.
@@ -106,7 +108,40 @@ impl Worker {
             })
             .collect();
         Self {
-            writer: writer::EventWriter::start(pool.clone()),
+            claims: {
+                let (pool, lease) = (pool.clone(), config.worker.lease_seconds);
+                writer::Group::start(move |ids: Vec<JobId>| {
+                    let pool = pool.clone();
+                    async move { jobs::claim_many(&pool, &ids, lease).await }
+                })
+            },
+            writer: {
+                let pool = pool.clone();
+                writer::Group::start(move |appends: Vec<jobs::Append>| {
+                    let pool = pool.clone();
+                    async move {
+                        let written = jobs::append_many(&pool, &appends).await?;
+                        Ok(appends.iter().map(|a| written.contains(&a.id)).collect())
+                    }
+                })
+            },
+            finishes: {
+                let pool = pool.clone();
+                writer::Group::start(move |ends: Vec<(JobId, i32, jobs::Outcome)>| {
+                    let pool = pool.clone();
+                    async move {
+                        let finishes: Vec<jobs::Finish> = ends
+                            .iter()
+                            .map(|(id, attempt, outcome)| jobs::Finish {
+                                id: *id,
+                                attempt: *attempt,
+                                outcome,
+                            })
+                            .collect();
+                        jobs::finish_many(&pool, &finishes).await
+                    }
+                })
+            },
             pool,
             config,
             http: Arc::new(http),
