@@ -133,7 +133,13 @@ async fn finishes_cancels_and_admissions_at_once_never_deadlock() {
         keys.push(env.key().await);
     }
     leave_room_in_minute(30).await;
-    let model = |i: usize| if i % 2 == 0 { "limited-a" } else { "limited-b" };
+    let model = |i: usize| {
+        if i.is_multiple_of(2) {
+            "limited-a"
+        } else {
+            "limited-b"
+        }
+    };
     let submitted = join_all((0..160).map(|i| {
         let (env, key) = (env.clone(), keys[i % 4].clone());
         async move { env.submit_ok(&key, model(i / 4), &format!("job {i}")).await }
