@@ -24,8 +24,9 @@
 //! (`SQLSTATE TGREJ`): a rejection undoes every count of the block, and the function returns the
 //! outcome with the figures it saw, so a rejected request leaves nothing behind. It is then
 //! counted in `tollgate.rejections` and in the metrics. Nothing after this point (the worker, a
-//! redelivery) runs admission again. What admission takes is given back by the triggers of
-//! `20261124000002_exact_admission.sql` when the job reaches a terminal state or is deleted.
+//! redelivery) runs admission again. What admission takes is given back by triggers when the job
+//! reaches a terminal state or is deleted: the ledger's whole story, rows, triggers and lock
+//! order, is in [`crate::store::ledger`].
 
 mod batches;
 pub mod guardrails;

@@ -3,7 +3,7 @@
 //! Every change of state is a guarded transition (`… WHERE id = $1 AND status = … AND attempt = …`),
 //! so a redelivered message or a stale worker cannot write twice. Reaching a terminal state
 //! releases what admission took (the in-flight slot and the budget reservation) in the same
-//! statement, so it happens exactly once, whichever path gets there.
+//! statement, so it happens exactly once, whichever path gets there (see [`super::ledger`]).
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;

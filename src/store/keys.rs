@@ -106,10 +106,7 @@ async fn try_create(pool: &PgPool, new: &NewKey) -> Result<(KeyId, String), sqlx
     .bind(new.expires_at)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("INSERT INTO tollgate.key_counters (key_id, slot) VALUES ($1, 0)")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+    super::ledger::open(&mut tx, id).await?;
     tx.commit().await?;
     Ok((id, secret))
 }

@@ -1,9 +1,11 @@
 //! The PostgreSQL side: connecting (and creating the database on first run), the schema
-//! migrations, and the queries on keys and jobs. Everything lives in the `tollgate` schema.
+//! migrations, and the queries on keys and jobs. Everything lives in the `tollgate` schema. What
+//! admission takes and what is given back — the ledger — is told whole in [`ledger`].
 
 pub mod jobs;
 pub mod key_cache;
 pub mod keys;
+pub mod ledger;
 pub mod notify;
 pub mod retention;
 
