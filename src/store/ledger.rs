@@ -29,6 +29,7 @@
 //!   reservation;
 //! - `jobs_refuse_reopen`: a terminal job never becomes queued or running again (it would take a
 //!   slot nobody gave).
+//!
 //! Retries and hand-backs keep the job unfinished, so they neither take nor give back.
 //!
 //! **Locks.** Every transaction that touches the ledger takes its rows in one order: job rows,
