@@ -48,6 +48,7 @@ async fn measure(settings: &Settings, env: &mut Env, figures: &mut Figures) -> a
         model.mock_deltas,
         model.mock_delay_ms
     );
+    let xacts_before = xacts(env).await?;
     let outcome = load::submit_for(
         &env.base_url,
         &env.secrets(0..settings.keys),
@@ -99,6 +100,9 @@ async fn measure(settings: &Settings, env: &mut Env, figures: &mut Figures) -> a
         .await?;
         println!("  not every job completed: {statuses:?}");
     }
+    // Backends flush their statistics at least every second or so while they run.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let xacts_per_job = (xacts(env).await? - xacts_before) as f64 / total.max(1) as f64;
     let completion_rate = completed as f64 / elapsed;
     let e2e = E2e {
         submit_rate: outcome.rate,
@@ -111,10 +115,22 @@ async fn measure(settings: &Settings, env: &mut Env, figures: &mut Figures) -> a
         run_p50,
         run_p99,
         ideal_run_ms: (model.mock_deltas as u64 * model.mock_delay_ms) as f64,
+        xacts_per_job,
     };
     println!("  {completed} completed in {elapsed:.1} s (first created → last finished)");
     figures.e2e = Some(e2e);
     Ok(())
+}
+
+/// Transactions committed so far in the phase's database.
+async fn xacts(env: &Env) -> anyhow::Result<i64> {
+    let mut pg = env.pg().await?;
+    let (xacts,): (i64,) = sqlx::query_as(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(&mut pg)
+    .await?;
+    Ok(xacts)
 }
 
 /// Waits until no job of the phase's database is unfinished; returns the polls it took.

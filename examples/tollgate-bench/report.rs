@@ -38,6 +38,9 @@ pub struct E2e {
     pub run_p99: f64,
     /// The mock's own time for one job (deltas × delay), in ms.
     pub ideal_run_ms: f64,
+    /// Transactions committed in the bench database per job submitted (approximate: every
+    /// process's statements, the relay's and sweeper's included, and the benchmark's polls).
+    pub xacts_per_job: f64,
 }
 
 /// One streaming-writes run.
@@ -319,6 +322,10 @@ fn rows(f: &Figures) -> Vec<Row> {
                 ratio(e.run_p50, Some(e.ideal_run_ms)),
             ),
         );
+        rows.push(row(
+            "End to end: PostgreSQL transactions per job (approx.)",
+            format!("{:.2}", e.xacts_per_job),
+        ));
     }
     for s in &f.streams {
         rows.push(
