@@ -7,8 +7,8 @@
 -- One statement ending many jobs takes many rows' locks, so it takes them in the one order every
 -- other transaction follows — the job rows, then the keys' counter rows, then the models'
 -- windows — and, within each, sorted: a finish or cancel of one job locks its row, then (by the
--- trigger) its key's row, then its model's window; an admission batch locks its key's row, then
--- the models' windows by name. Two batches, or a batch and any of those, never wait for each
+-- trigger) its key's row, then its model's window; an admission batch locks its keys' rows,
+-- sorted, then the models' windows by name. Two batches, or a batch and any of those, never wait for each
 -- other in a cycle. (The rows of every given job are locked, finished or not: a condition on the
 -- status would lead the planner to the index of unfinished jobs, thousands under load, instead
 -- of the primary key.)

@@ -409,6 +409,73 @@ async fn a_busy_key_does_not_take_every_pooled_connection() {
     );
 }
 
+/// Requests of many keys are decided together: while the first batches wait (here for a limited
+/// model's window, which the test holds), the requests behind them queue in the front, and once
+/// the window is free they are decided in one or two statements — jobs committed by one statement
+/// share its transaction id — each exactly as alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_of_many_keys_share_one_statement() {
+    let mut limited = ModelConfig::mock("limited");
+    limited.rpm_limit = Some(10_000);
+    let env = Arc::new(TestEnv::front_with(common::isolated_config(vec![limited])).await);
+    let mut keys = Vec::new();
+    for _ in 0..8 {
+        keys.push(env.key().await);
+    }
+    common::leave_room_in_minute(20).await;
+    // Open the minute's window, then hold it.
+    for key in &keys {
+        env.submit_ok(key, "limited", "first").await;
+    }
+    use sqlx::Connection;
+    let mut watching = sqlx::PgConnection::connect(&env.config.database.url)
+        .await
+        .unwrap();
+    let mut lock = sqlx::PgConnection::connect(&env.config.database.url)
+        .await
+        .unwrap();
+    let mut lock = lock.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM tollgate.model_rate_windows WHERE model = 'limited' FOR UPDATE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let waiting: Vec<_> = (0..40)
+        .map(|i| {
+            let (env, key) = (env.clone(), keys[i % 8].clone());
+            tokio::spawn(async move { env.submit_ok(&key, "limited", &format!("many {i}")).await })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while blocked_in_postgres(&mut watching).await.unwrap() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no batch waits");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    lock.commit().await.unwrap();
+    for submit in waiting {
+        submit.await.unwrap();
+    }
+    let (jobs, transactions): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT xmin::text) FROM tollgate.jobs
+          WHERE request->>'input' LIKE 'many %'",
+    )
+    .fetch_one(&mut watching)
+    .await
+    .unwrap();
+    assert_eq!(jobs, 40);
+    assert!(
+        (2..=4).contains(&transactions),
+        "40 admissions of 8 keys committed in {transactions} transactions"
+    );
+    let requests: i64 = sqlx::query_scalar(
+        "SELECT sum(requests) FROM tollgate.model_rate_windows WHERE model = 'limited'",
+    )
+    .fetch_one(&mut watching)
+    .await
+    .unwrap();
+    assert_eq!(requests, 48, "the model's window counts every request once");
+}
+
 /// Sessions of this database waiting for a lock.
 async fn blocked_in_postgres(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(

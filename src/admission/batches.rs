@@ -1,23 +1,30 @@
-//! One key's admissions, grouped into batches.
+//! Admissions, grouped into batches: one statement, one commit for many requests.
 //!
-//! Every admission of a key locks the key's counter row in PostgreSQL, so a key's admissions go
-//! one after another however many arrive, and each one alone would pay the whole commit (the WAL
-//! flush) with the row locked. Here they are grouped: a request joins its key's queue in this
-//! front; a runner takes everything queued for the key (at most `server.admission_batch`) and
-//! decides it in ONE statement, `tollgate.admit_batch` (migration `20261201000001_admit_batch.sql`),
-//! which runs `tollgate.admit` for each request in order, in one transaction: one lock, one commit.
+//! Every admission locks its key's counter row in PostgreSQL and commits (a WAL flush); alone,
+//! each request would pay a whole commit. Here requests are grouped, two ways:
+//!
+//! - **Mixed batches.** A request first joins the front's one queue; a runner takes everything
+//!   queued (at most `server.admission_batch`), orders it by model, and decides it in ONE
+//!   statement, `tollgate.admit_many` (migration `20261201000001_admit_many.sql`), which locks the
+//!   batch's keys with `SKIP LOCKED` and runs `tollgate.admit` for each request in order, in one
+//!   transaction. A mixed batch never waits for a key's row: the requests of a key some other
+//!   transaction holds (another batch, a finishing job, an operator) answer `busy`, nothing is
+//!   counted for them, and they go on to their key's queue. At most [`MIXED_RUNNERS`] mixed
+//!   batches are in PostgreSQL at once.
+//! - **A key's batches.** A busy key's requests wait in its own queue; a runner takes them all and
+//!   decides them in one `tollgate.admit_many` that waits for the key's row. At most
+//!   `server.admissions_per_key` such runners of a key are in PostgreSQL at once from one front
+//!   (each holds a pooled connection while it waits); the key's other requests wait here, in
+//!   memory, holding no connection, and join its next batch. So one busy key cannot take every
+//!   pooled connection from the others, nor hold up their batches, and the busier a key, the
+//!   larger its batches.
+//!
 //! Each request is decided exactly as it would be alone (it sees every request before it, in its
-//! batch or committed), and a rejection undoes only its own counts.
-//!
-//! At most `server.admissions_per_key` runners of a key are in PostgreSQL at once from one front
-//! (each holds a pooled connection, and the second waits for the row lock while the first
-//! commits); the key's other requests wait here, in memory, holding no connection, and join the
-//! next batch. So one busy key cannot take every pooled connection from the others, and the busier
-//! a key, the larger its batches. A batch holds one key only, and its requests are ordered by
-//! model, so the rows a batch locks — its key's, then the windows of the models with limits, by
-//! name — are taken in one order by every batch: batches cannot deadlock. The
-//! runner is its own task: a client that leaves does not cancel the batch others wait on, and a
-//! request whose client left before its batch began is dropped without being admitted.
+//! batch or committed), and a rejection undoes only its own counts. The rows a batch locks — its
+//! keys', sorted, then the windows of the models with limits, by name — are taken in the order
+//! every transaction follows (`store/ledger.rs`), so batches cannot deadlock. Runners are tasks of
+//! their own: a client that leaves does not cancel the batch others wait on, and a request whose
+//! client left before its batch began is dropped without being admitted.
 
 use std::{
     collections::HashMap,
@@ -32,13 +39,17 @@ use uuid::Uuid;
 use super::Admit;
 use crate::ids::KeyId;
 
-/// The statement a batch runs: the key id, then one array per parameter of `tollgate.admit`
-/// after it, one element per request (see [`super::ADMIT_SQL`]).
-const ADMIT_BATCH_SQL: &str = "SELECT * FROM tollgate.admit_batch($1, $2, $3, $4, $5, $6, $7, \
-                               $8, $9, $10, $11, $12, $13) ORDER BY ord";
+/// Mixed batches in PostgreSQL at once from one front.
+pub const MIXED_RUNNERS: usize = 2;
 
-/// One request as `tollgate.admit` takes it, after the key.
+/// The statement every batch runs: whether to wait for the keys' rows, then one array per
+/// parameter of `tollgate.admit`, one element per request (see [`super::ADMIT_SQL`]).
+const ADMIT_MANY_SQL: &str = "SELECT * FROM tollgate.admit_many($1, $2, $3, $4, $5, $6, $7, $8, \
+                              $9, $10, $11, $12, $13, $14) ORDER BY ord";
+
+/// One request as `tollgate.admit` takes it.
 pub(super) struct Request {
+    pub key: KeyId,
     pub tokens: i64,
     pub reserve: i64,
     pub model: String,
@@ -65,40 +76,41 @@ struct Shared {
     pool: PgPool,
     per_key: usize,
     max_batch: usize,
+    mixed: Mutex<Queue>,
     keys: Mutex<HashMap<KeyId, Queue>>,
 }
 
-pub(super) struct KeyBatches {
+pub(super) struct Batches {
     shared: Arc<Shared>,
 }
 
-impl KeyBatches {
+impl Batches {
     pub fn new(pool: PgPool, per_key: usize, max_batch: usize) -> Self {
         Self {
             shared: Arc::new(Shared {
                 pool,
                 per_key: per_key.max(1),
                 max_batch: max_batch.max(1),
+                mixed: Mutex::default(),
                 keys: Mutex::default(),
             }),
         }
     }
 
-    /// Decides `request` of `key` in the key's next batch.
-    pub async fn admit(&self, key: KeyId, request: Request) -> Result<Admit, sqlx::Error> {
+    /// Decides `request` in the next batch.
+    pub async fn admit(&self, request: Request) -> Result<Admit, sqlx::Error> {
         let (reply, answer) = oneshot::channel();
         let start = {
-            let mut keys = self.shared.keys.lock().expect("not poisoned");
-            let queue = keys.entry(key).or_default();
-            queue.waiting.push((request, reply));
-            let start = queue.runners < self.shared.per_key;
+            let mut mixed = self.shared.mixed.lock().expect("not poisoned");
+            mixed.waiting.push((request, reply));
+            let start = mixed.runners < MIXED_RUNNERS;
             if start {
-                queue.runners += 1;
+                mixed.runners += 1;
             }
             start
         };
         if start {
-            tokio::spawn(run(self.shared.clone(), key));
+            tokio::spawn(run_mixed(self.shared.clone()));
         }
         answer.await.unwrap_or_else(|_| {
             Err(sqlx::Error::Protocol(
@@ -107,67 +119,130 @@ impl KeyBatches {
         })
     }
 
-    /// Keys with an admission in progress or waiting.
+    /// Keys with an admission in progress or waiting in their own queue.
     #[cfg(test)]
     fn keys_tracked(&self) -> usize {
         self.shared.keys.lock().expect("not poisoned").len()
     }
 }
 
-/// A runner of `key`: decides the key's waiting requests, a batch at a time, until none waits.
-async fn run(shared: Arc<Shared>, key: KeyId) {
+/// Takes the next batch from `queue`, without the requests whose client left; None (and the
+/// runner counted off) when nothing waits.
+fn next_batch(queue: &mut Queue, max_batch: usize) -> Option<Vec<(Request, Reply)>> {
+    if queue.waiting.is_empty() {
+        queue.runners -= 1;
+        return None;
+    }
+    let n = queue.waiting.len().min(max_batch);
+    Some(
+        queue
+            .waiting
+            .drain(..n)
+            .filter(|(_, reply)| !reply.is_closed())
+            .collect(),
+    )
+}
+
+/// A runner of mixed batches: decides the front's waiting requests, a batch at a time, until none
+/// waits; sends those of busy keys to their keys' queues.
+async fn run_mixed(shared: Arc<Shared>) {
     loop {
-        let batch: Vec<(Request, Reply)> = {
+        let Some(batch) = next_batch(
+            &mut shared.mixed.lock().expect("not poisoned"),
+            shared.max_batch,
+        ) else {
+            return;
+        };
+        for (request, reply) in decide(&shared.pool, false, batch).await {
+            to_key_queue(&shared, request, reply);
+        }
+    }
+}
+
+/// Puts a request of a busy key in the key's queue, starting a runner of the key if it may.
+fn to_key_queue(shared: &Arc<Shared>, request: Request, reply: Reply) {
+    let key = request.key;
+    let start = {
+        let mut keys = shared.keys.lock().expect("not poisoned");
+        let queue = keys.entry(key).or_default();
+        queue.waiting.push((request, reply));
+        let start = queue.runners < shared.per_key;
+        if start {
+            queue.runners += 1;
+        }
+        start
+    };
+    if start {
+        tokio::spawn(run_key(shared.clone(), key));
+    }
+}
+
+/// A runner of `key`: decides the key's waiting requests, a batch at a time, until none waits.
+async fn run_key(shared: Arc<Shared>, key: KeyId) {
+    loop {
+        let batch = {
             let mut keys = shared.keys.lock().expect("not poisoned");
             let Some(queue) = keys.get_mut(&key) else {
                 return;
             };
-            if queue.waiting.is_empty() {
-                queue.runners -= 1;
-                if queue.runners == 0 {
-                    keys.remove(&key);
-                }
-                return;
+            let batch = next_batch(queue, shared.max_batch);
+            if batch.is_none() && queue.runners == 0 {
+                keys.remove(&key);
             }
-            let n = queue.waiting.len().min(shared.max_batch);
-            queue.waiting.drain(..n).collect()
+            batch
         };
-        // A client that left before its batch began is not admitted.
-        let mut batch: Vec<(Request, Reply)> = batch
-            .into_iter()
-            .filter(|(_, reply)| !reply.is_closed())
-            .collect();
-        // Models' windows are shared by every key: each batch locks them in the same order
-        // (the model's name), so two batches of different keys cannot wait for each other.
-        batch.sort_by(|(a, _), (b, _)| a.model.cmp(&b.model));
-        let (requests, replies): (Vec<Request>, Vec<Reply>) = batch.into_iter().unzip();
-        if requests.is_empty() {
-            continue;
-        }
-        match decide(&shared.pool, key, &requests).await {
-            Ok(rows) if rows.len() == replies.len() => {
-                for (reply, row) in replies.into_iter().zip(rows) {
+        let Some(batch) = batch else {
+            return;
+        };
+        // Waiting for the key, no request answers busy.
+        let busy = decide(&shared.pool, true, batch).await;
+        debug_assert!(busy.is_empty());
+    }
+}
+
+/// Decides a batch in one statement and answers each request, except those of keys that were
+/// busy: those are handed back, with their replies.
+async fn decide(
+    pool: &PgPool,
+    wait_for_keys: bool,
+    mut batch: Vec<(Request, Reply)>,
+) -> Vec<(Request, Reply)> {
+    if batch.is_empty() {
+        return Vec::new();
+    }
+    // Models' windows are shared by every key: each batch locks them in the same order.
+    batch.sort_by(|(a, _), (b, _)| (&a.model, a.key.0).cmp(&(&b.model, b.key.0)));
+    let requests: Vec<&Request> = batch.iter().map(|(r, _)| r).collect();
+    let decided = execute(pool, wait_for_keys, &requests).await;
+    let mut busy = Vec::new();
+    match decided {
+        Ok(rows) if rows.len() == batch.len() => {
+            for ((request, reply), row) in batch.into_iter().zip(rows) {
+                if row.admit.outcome == "busy" && !wait_for_keys {
+                    busy.push((request, reply));
+                } else {
                     let _ = reply.send(Ok(row.admit));
                 }
             }
-            Ok(rows) => {
-                let message = format!(
-                    "tollgate.admit_batch answered {} rows for {} requests",
-                    rows.len(),
-                    replies.len()
-                );
-                for reply in replies {
-                    let _ = reply.send(Err(sqlx::Error::Protocol(message.clone())));
-                }
+        }
+        Ok(rows) => {
+            let message = format!(
+                "tollgate.admit_many answered {} rows for {} requests",
+                rows.len(),
+                batch.len()
+            );
+            for (_, reply) in batch {
+                let _ = reply.send(Err(sqlx::Error::Protocol(message.clone())));
             }
-            Err(e) => {
-                tracing::warn!(error = %e, %key, requests = replies.len(), "admission batch failed");
-                for reply in replies {
-                    let _ = reply.send(Err(copy_of(&e)));
-                }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, requests = batch.len(), "admission batch failed");
+            for (_, reply) in batch {
+                let _ = reply.send(Err(copy_of(&e)));
             }
         }
     }
+    busy
 }
 
 #[derive(sqlx::FromRow)]
@@ -178,10 +253,16 @@ struct Row {
     admit: Admit,
 }
 
-async fn decide(pool: &PgPool, key: KeyId, requests: &[Request]) -> Result<Vec<Row>, sqlx::Error> {
-    let column = |f: &dyn Fn(&Request) -> Option<i64>| requests.iter().map(f).collect::<Vec<_>>();
-    sqlx::query_as(ADMIT_BATCH_SQL)
-        .bind(key)
+async fn execute(
+    pool: &PgPool,
+    wait_for_keys: bool,
+    requests: &[&Request],
+) -> Result<Vec<Row>, sqlx::Error> {
+    let column =
+        |f: &dyn Fn(&Request) -> Option<i64>| requests.iter().map(|r| f(r)).collect::<Vec<_>>();
+    sqlx::query_as(ADMIT_MANY_SQL)
+        .bind(wait_for_keys)
+        .bind(requests.iter().map(|r| r.key).collect::<Vec<_>>())
         .bind(requests.iter().map(|r| r.tokens).collect::<Vec<_>>())
         .bind(requests.iter().map(|r| r.reserve).collect::<Vec<_>>())
         .bind(
@@ -248,8 +329,9 @@ fn copy_of(e: &sqlx::Error) -> sqlx::Error {
 mod tests {
     use super::*;
 
-    fn request() -> Request {
+    fn request(key: KeyId) -> Request {
         Request {
+            key,
             tokens: 1,
             reserve: 1,
             model: "m".into(),
@@ -273,11 +355,11 @@ mod tests {
             .acquire_timeout(std::time::Duration::from_millis(200))
             .connect_lazy("postgres://nobody@127.0.0.1:1/none")
             .unwrap();
-        let batches = Arc::new(KeyBatches::new(pool, 1, 64));
+        let batches = Arc::new(Batches::new(pool, 1, 64));
         let key = KeyId(Uuid::now_v7());
         let answers = futures::future::join_all((0..5).map(|_| {
             let batches = batches.clone();
-            async move { batches.admit(key, request()).await }
+            async move { batches.admit(request(key)).await }
         }))
         .await;
         for answer in answers {

@@ -2,10 +2,10 @@
 //!
 //! Before PostgreSQL is asked: authenticate the key, validate the body, resolve the model, check
 //! the allow-list, estimate the input tokens and run the guardrails (a webhook may take a while; no
-//! lock is held meanwhile). Then the request joins its key's next batch (`batches.rs`): ONE
-//! statement on an autocommit connection decides every request of the batch in one transaction,
-//! `tollgate.admit_batch` (migration `20261201000001_admit_batch.sql`), which calls, for each
-//! request in order, `tollgate.admit(…)`, a PL/pgSQL function (migration
+//! lock is held meanwhile). Then the request joins the next batch (`batches.rs`): ONE statement
+//! on an autocommit connection decides every request of the batch in one transaction,
+//! `tollgate.admit_many` (migration `20261201000001_admit_many.sql`), which locks the batch's keys
+//! and calls, for each request in order, `tollgate.admit(…)`, a PL/pgSQL function (migration
 //! `20261130000001_admit_in_one_statement.sql`) that
 //!
 //! 1. locks the key's counter row (`FOR UPDATE`), re-checking that the key is live — this
@@ -180,13 +180,13 @@ pub struct Admission {
     config: Arc<Config>,
     guardrails: Guardrails,
     keys: KeyCache,
-    batches: batches::KeyBatches,
+    batches: batches::Batches,
 }
 
 /// Admission of one request, with its parameters in order: key id, estimated input tokens,
 /// reservation (micro-USD), model, the model's rpm and tpm limits (or NULL), Idempotency-Key,
 /// request hash, job id, request (jsonb), history (jsonb), previous response id, outbox payload
-/// (jsonb). `tollgate.admit_batch` calls this function for each request of a batch; the
+/// (jsonb). `tollgate.admit_many` calls this function for each request of a batch; the
 /// benchmark's pgbench ceiling runs this text, one request a transaction.
 pub const ADMIT_SQL: &str =
     "SELECT * FROM tollgate.admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
@@ -289,7 +289,7 @@ impl Admission {
     pub fn new(pool: PgPool, config: Arc<Config>) -> Result<Self, regex::Error> {
         let guardrails = Guardrails::new(&config.guardrails)?;
         let keys = KeyCache::new(Duration::from_millis(config.server.key_cache_ms));
-        let batches = batches::KeyBatches::new(
+        let batches = batches::Batches::new(
             pool.clone(),
             config.server.admissions_per_key,
             config.server.admission_batch,
@@ -382,23 +382,21 @@ impl Admission {
         let tokens = estimate.tokens as i64;
         let decided = self
             .batches
-            .admit(
-                key.id,
-                batches::Request {
-                    tokens,
-                    reserve: reserve.0,
-                    model: model.name.clone(),
-                    model_rpm: model.rpm_limit.map(i64::from),
-                    model_tpm: model.tpm_limit.map(|t| t as i64),
-                    idempotency_key: submission.idempotency_key.map(str::to_owned),
-                    request_hash: request_hash.to_vec(),
-                    job_id: id.0,
-                    request: raw.clone(),
-                    history: history_json,
-                    previous_response_id: previous.map(|p| p.0),
-                    outbox_payload,
-                },
-            )
+            .admit(batches::Request {
+                key: key.id,
+                tokens,
+                reserve: reserve.0,
+                model: model.name.clone(),
+                model_rpm: model.rpm_limit.map(i64::from),
+                model_tpm: model.tpm_limit.map(|t| t as i64),
+                idempotency_key: submission.idempotency_key.map(str::to_owned),
+                request_hash: request_hash.to_vec(),
+                job_id: id.0,
+                request: raw.clone(),
+                history: history_json,
+                previous_response_id: previous.map(|p| p.0),
+                outbox_payload,
+            })
             .await?;
         if let Some(window_start) = decided.window_start {
             let reset_secs = reset_secs(window_start);

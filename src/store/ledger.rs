@@ -13,7 +13,7 @@
 //!
 //! **Taking** happens in one place: `tollgate.admit` (migration
 //! `20261130000001_admit_in_one_statement.sql`), called for each request of a batch by
-//! `tollgate.admit_batch` (`20261201000001_admit_batch.sql`; the front's batching is
+//! `tollgate.admit_many` (`20261201000001_admit_many.sql`; the front's batching is
 //! `admission/batches.rs`). Under the key's row lock it counts the windows, rolls the budget
 //! period over, checks every limit, then takes the slot and the reservation and inserts the job.
 //! A rejection is undone by the function's own exception block: nothing is taken.
@@ -34,9 +34,10 @@
 //!
 //! **Locks.** Every transaction that touches the ledger takes its rows in one order: job rows,
 //! then key counter rows, then model windows; a statement that takes several of one kind takes
-//! them sorted (`tollgate.finish_batch` by job id, key, model; an admission batch holds one key
-//! and its requests are ordered by model). So no two of them wait for each other in a cycle
-//! (`tests/group_commit.rs`, `tests/admission_exact.rs`).
+//! them sorted (`tollgate.finish_batch` by job id, key, model; an admission batch locks its keys
+//! sorted — with `SKIP LOCKED` when it holds several, so it never waits for a key — and orders its
+//! requests by model). No one holds a model's window while waiting for a key's row. So no two of
+//! them wait for each other in a cycle (`tests/group_commit.rs`, `tests/admission_exact.rs`).
 //!
 //! **Invariants** (checked after every step of random sequences in `tests/counters_property.rs`,
 //! and under concurrency in `tests/admission_exact.rs`): `in_flight` = the key's jobs queued or
