@@ -26,7 +26,8 @@
 //! - `BENCH_CONCURRENCY` [32]: HTTP connections of the load generator, pgbench clients and
 //!   RabbitMQ publishers; `BENCH_KEYS` [16]: keys the load is spread over.
 //! - `BENCH_DB_CONNECTIONS` [32]: `database.max_connections` of each tollgate process.
-//! - `BENCH_WORKER_CONCURRENCY` [256]: `worker.concurrency` in e2e, stream and memory.
+//! - `BENCH_WORKER_CONCURRENCY` [tollgate's default, 1024]: `worker.concurrency` in e2e, stream
+//!   and memory.
 //! - `BENCH_DRAIN_SECONDS` [180]: longest wait for submitted jobs to finish.
 //! - `BENCH_STREAM_DELTAS` [10000]; `BENCH_STREAM_JOBS` [200] of `BENCH_STREAM_JOB_DELTAS` [200].
 //! - `BENCH_FOLLOWERS` [1000]: SSE streams held open in `memory`.
@@ -108,7 +109,10 @@ impl Settings {
             concurrency: env_or("BENCH_CONCURRENCY", 32)?,
             keys: env_or("BENCH_KEYS", 16)?,
             db_connections: env_or("BENCH_DB_CONNECTIONS", 32)?,
-            worker_concurrency: env_or("BENCH_WORKER_CONCURRENCY", 256)?,
+            worker_concurrency: env_or(
+                "BENCH_WORKER_CONCURRENCY",
+                tollgate::config::Config::default().worker.concurrency,
+            )?,
             drain: secs("BENCH_DRAIN_SECONDS", 180.0)?,
             stream_deltas: env_or("BENCH_STREAM_DELTAS", 10_000)?,
             stream_jobs: env_or("BENCH_STREAM_JOBS", 200)?,

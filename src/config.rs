@@ -268,7 +268,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            concurrency: 256,
+            concurrency: 1024,
             flush_max_deltas: 64,
             flush_interval_ms: 50,
             lease_seconds: 30,
