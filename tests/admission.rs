@@ -446,7 +446,8 @@ async fn requests_of_many_keys_share_one_statement() {
         })
         .collect();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while blocked_in_postgres(&mut watching).await.unwrap() < 2 {
+    // One or two batches wait (the keys are spread over the front's two queues by their ids).
+    while blocked_in_postgres(&mut watching).await.unwrap() < 1 {
         assert!(tokio::time::Instant::now() < deadline, "no batch waits");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }

@@ -3,14 +3,16 @@
 //! Every admission locks its key's counter row in PostgreSQL and commits (a WAL flush); alone,
 //! each request would pay a whole commit. Here requests are grouped, two ways:
 //!
-//! - **Mixed batches.** A request first joins the front's one queue; a runner takes everything
-//!   queued (at most `server.admission_batch`), orders it by model, and decides it in ONE
+//! - **Mixed batches.** A request first joins one of the front's [`MIXED_RUNNERS`] queues (by its
+//!   key, so a key's requests always meet in the same one, and two mixed batches never hold the
+//!   same key); the queue's runner takes everything queued (at most `server.admission_batch`),
+//!   orders it by model, and decides it in ONE
 //!   statement, `tollgate.admit_many` (migration `20261201000001_admit_many.sql`), which locks the
 //!   batch's keys with `SKIP LOCKED` and runs `tollgate.admit` for each request in order, in one
 //!   transaction. A mixed batch never waits for a key's row: the requests of a key some other
 //!   transaction holds (another batch, a finishing job, an operator) answer `busy`, nothing is
-//!   counted for them, and they go on to their key's queue. At most [`MIXED_RUNNERS`] mixed
-//!   batches are in PostgreSQL at once.
+//!   counted for them, and they go on to their key's queue. So at most [`MIXED_RUNNERS`] mixed
+//!   batches are in PostgreSQL at once, one a queue.
 //! - **A key's batches.** A busy key's requests wait in its own queue; a runner takes them all and
 //!   decides them in one `tollgate.admit_many` that waits for the key's row. At most
 //!   `server.admissions_per_key` such runners of a key are in PostgreSQL at once from one front
@@ -39,7 +41,8 @@ use uuid::Uuid;
 use super::Admit;
 use crate::ids::KeyId;
 
-/// Mixed batches in PostgreSQL at once from one front.
+/// Queues of mixed batches, each with one runner: mixed batches in PostgreSQL at once from one
+/// front.
 pub const MIXED_RUNNERS: usize = 2;
 
 /// The statement every batch runs: whether to wait for the keys' rows, then one array per
@@ -76,7 +79,7 @@ struct Shared {
     pool: PgPool,
     per_key: usize,
     max_batch: usize,
-    mixed: Mutex<Queue>,
+    mixed: [Mutex<Queue>; MIXED_RUNNERS],
     keys: Mutex<HashMap<KeyId, Queue>>,
 }
 
@@ -91,7 +94,7 @@ impl Batches {
                 pool,
                 per_key: per_key.max(1),
                 max_batch: max_batch.max(1),
-                mixed: Mutex::default(),
+                mixed: Default::default(),
                 keys: Mutex::default(),
             }),
         }
@@ -100,17 +103,18 @@ impl Batches {
     /// Decides `request` in the next batch.
     pub async fn admit(&self, request: Request) -> Result<Admit, sqlx::Error> {
         let (reply, answer) = oneshot::channel();
+        let shard = (request.key.0.as_u128() % MIXED_RUNNERS as u128) as usize;
         let start = {
-            let mut mixed = self.shared.mixed.lock().expect("not poisoned");
+            let mut mixed = self.shared.mixed[shard].lock().expect("not poisoned");
             mixed.waiting.push((request, reply));
-            let start = mixed.runners < MIXED_RUNNERS;
+            let start = mixed.runners == 0;
             if start {
-                mixed.runners += 1;
+                mixed.runners = 1;
             }
             start
         };
         if start {
-            tokio::spawn(run_mixed(self.shared.clone()));
+            tokio::spawn(run_mixed(self.shared.clone(), shard));
         }
         answer.await.unwrap_or_else(|_| {
             Err(sqlx::Error::Protocol(
@@ -143,12 +147,12 @@ fn next_batch(queue: &mut Queue, max_batch: usize) -> Option<Vec<(Request, Reply
     )
 }
 
-/// A runner of mixed batches: decides the front's waiting requests, a batch at a time, until none
-/// waits; sends those of busy keys to their keys' queues.
-async fn run_mixed(shared: Arc<Shared>) {
+/// The runner of a queue of mixed batches: decides its waiting requests, a batch at a time,
+/// until none waits; sends those of busy keys to their keys' queues.
+async fn run_mixed(shared: Arc<Shared>, shard: usize) {
     loop {
         let Some(batch) = next_batch(
-            &mut shared.mixed.lock().expect("not poisoned"),
+            &mut shared.mixed[shard].lock().expect("not poisoned"),
             shared.max_batch,
         ) else {
             return;
