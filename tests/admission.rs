@@ -344,15 +344,8 @@ async fn a_busy_key_does_not_take_every_pooled_connection() {
     env.submit_ok(&busy, "mock-1", "first").await;
     env.submit_ok(&other, "mock-1", "first").await;
 
-    // The test's own connections are not the front's.
-    use sqlx::Connection;
-    let mut watching = sqlx::PgConnection::connect(&env.config.database.url)
-        .await
-        .unwrap();
-    let mut lock = sqlx::PgConnection::connect(&env.config.database.url)
-        .await
-        .unwrap();
-    let mut lock = lock.begin().await.unwrap();
+    let (mut watching, mut lock) = own_connections(&env).await;
+    let mut lock = sqlx::Connection::begin(&mut lock).await.unwrap();
     sqlx::query(
         "SELECT 1 FROM tollgate.key_counters c JOIN tollgate.api_keys k ON k.id = c.key_id
           WHERE k.key_hash = $1 FOR UPDATE OF c",
@@ -427,14 +420,8 @@ async fn requests_of_many_keys_share_one_statement() {
     for key in &keys {
         env.submit_ok(key, "limited", "first").await;
     }
-    use sqlx::Connection;
-    let mut watching = sqlx::PgConnection::connect(&env.config.database.url)
-        .await
-        .unwrap();
-    let mut lock = sqlx::PgConnection::connect(&env.config.database.url)
-        .await
-        .unwrap();
-    let mut lock = lock.begin().await.unwrap();
+    let (mut watching, mut lock) = own_connections(&env).await;
+    let mut lock = sqlx::Connection::begin(&mut lock).await.unwrap();
     sqlx::query("SELECT 1 FROM tollgate.model_rate_windows WHERE model = 'limited' FOR UPDATE")
         .execute(&mut *lock)
         .await
@@ -475,6 +462,16 @@ async fn requests_of_many_keys_share_one_statement() {
     .await
     .unwrap();
     assert_eq!(requests, 48, "the model's window counts every request once");
+}
+
+/// Two connections of the test's own (not the front's): one to watch, one to hold a lock.
+async fn own_connections(env: &TestEnv) -> (sqlx::PgConnection, sqlx::PgConnection) {
+    use sqlx::Connection;
+    let url = &env.config.database.url;
+    (
+        sqlx::PgConnection::connect(url).await.unwrap(),
+        sqlx::PgConnection::connect(url).await.unwrap(),
+    )
 }
 
 /// Sessions of this database waiting for a lock.

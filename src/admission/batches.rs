@@ -262,58 +262,22 @@ async fn execute(
     wait_for_keys: bool,
     requests: &[&Request],
 ) -> Result<Vec<Row>, sqlx::Error> {
-    let column =
-        |f: &dyn Fn(&Request) -> Option<i64>| requests.iter().map(|r| f(r)).collect::<Vec<_>>();
+    use crate::store::column;
     sqlx::query_as(ADMIT_MANY_SQL)
         .bind(wait_for_keys)
-        .bind(requests.iter().map(|r| r.key).collect::<Vec<_>>())
-        .bind(requests.iter().map(|r| r.tokens).collect::<Vec<_>>())
-        .bind(requests.iter().map(|r| r.reserve).collect::<Vec<_>>())
-        .bind(
-            requests
-                .iter()
-                .map(|r| r.model.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(column(&|r| r.model_rpm))
-        .bind(column(&|r| r.model_tpm))
-        .bind(
-            requests
-                .iter()
-                .map(|r| r.idempotency_key.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            requests
-                .iter()
-                .map(|r| r.request_hash.as_slice())
-                .collect::<Vec<_>>(),
-        )
-        .bind(requests.iter().map(|r| r.job_id).collect::<Vec<_>>())
-        .bind(
-            requests
-                .iter()
-                .map(|r| Json(&r.request))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            requests
-                .iter()
-                .map(|r| r.history.as_ref().map(Json))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            requests
-                .iter()
-                .map(|r| r.previous_response_id)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            requests
-                .iter()
-                .map(|r| Json(&r.outbox_payload))
-                .collect::<Vec<_>>(),
-        )
+        .bind(column(requests, |r| r.key))
+        .bind(column(requests, |r| r.tokens))
+        .bind(column(requests, |r| r.reserve))
+        .bind(column(requests, |r| r.model.as_str()))
+        .bind(column(requests, |r| r.model_rpm))
+        .bind(column(requests, |r| r.model_tpm))
+        .bind(column(requests, |r| r.idempotency_key.as_deref()))
+        .bind(column(requests, |r| r.request_hash.as_slice()))
+        .bind(column(requests, |r| r.job_id))
+        .bind(column(requests, |r| Json(&r.request)))
+        .bind(column(requests, |r| r.history.as_ref().map(Json)))
+        .bind(column(requests, |r| r.previous_response_id))
+        .bind(column(requests, |r| Json(&r.outbox_payload)))
         .fetch_all(pool)
         .await
 }

@@ -317,45 +317,20 @@ pub struct Finish<'a> {
 /// locks in the order every other transaction takes them. One answer per attempt, in order.
 pub async fn finish_many(pool: &PgPool, finishes: &[Finish<'_>]) -> Result<Vec<bool>, sqlx::Error> {
     debug_assert!(finishes.iter().all(|f| f.outcome.status.is_terminal()));
-    let column = |f: &dyn Fn(&Finish) -> Option<i32>| finishes.iter().map(f).collect::<Vec<_>>();
+    use super::column;
     let finished: Vec<Uuid> = sqlx::query_scalar(
         "SELECT * FROM tollgate.finish_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
-    .bind(finishes.iter().map(|f| f.id.0).collect::<Vec<_>>())
-    .bind(finishes.iter().map(|f| f.attempt).collect::<Vec<_>>())
-    .bind(
-        finishes
-            .iter()
-            .map(|f| f.outcome.status)
-            .collect::<Vec<_>>(),
-    )
-    .bind(column(&|f| f.outcome.spent.input_tokens))
-    .bind(column(&|f| f.outcome.spent.output_tokens))
-    .bind(
-        finishes
-            .iter()
-            .map(|f| f.outcome.spent.cost.0)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        finishes
-            .iter()
-            .map(|f| f.outcome.error.as_ref().map(Json))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        finishes
-            .iter()
-            .map(|f| f.outcome.spent.usage_estimated)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        finishes
-            .iter()
-            .map(|f| f.outcome.incomplete_reason)
-            .collect::<Vec<_>>(),
-    )
-    .bind(column(&|f| f.outcome.spent.reasoning_tokens))
+    .bind(column(finishes, |f| f.id.0))
+    .bind(column(finishes, |f| f.attempt))
+    .bind(column(finishes, |f| f.outcome.status))
+    .bind(column(finishes, |f| f.outcome.spent.input_tokens))
+    .bind(column(finishes, |f| f.outcome.spent.output_tokens))
+    .bind(column(finishes, |f| f.outcome.spent.cost.0))
+    .bind(column(finishes, |f| f.outcome.error.as_ref().map(Json)))
+    .bind(column(finishes, |f| f.outcome.spent.usage_estimated))
+    .bind(column(finishes, |f| f.outcome.incomplete_reason))
+    .bind(column(finishes, |f| f.outcome.spent.reasoning_tokens))
     .fetch_all(pool)
     .await?;
     Ok(finishes

@@ -17,6 +17,12 @@ use sqlx::{
 
 use crate::config::DatabaseConfig;
 
+/// One parameter array of a batch statement: `f` of each row, in order (`unnest` and the batch
+/// functions take one array per column).
+pub(crate) fn column<T, U>(rows: &[T], f: impl FnMut(&T) -> U) -> Vec<U> {
+    rows.iter().map(f).collect()
+}
+
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!();
 
