@@ -203,11 +203,12 @@ pub struct ServerConfig {
     /// How long the front keeps a key it looked up (0: not at all). A revoked key is dropped at
     /// once, and is never admitted whatever the cache holds.
     pub key_cache_ms: u64,
-    /// Admission statements of one key in PostgreSQL at once from one front (each holds a pooled
-    /// connection while it waits for the key's row lock); the key's other requests wait in the
-    /// front and join the next batch. Keeps one busy key from starving the others.
+    /// Batches of one busy key (a key whose row another transaction held) in PostgreSQL at once
+    /// from one front, each holding a pooled connection while it waits for the key's row; the
+    /// key's other requests wait in the front and join its next batch. Keeps one busy key from
+    /// starving the others.
     pub admissions_per_key: usize,
-    /// Requests of one key decided in one statement (one lock, one commit) at most.
+    /// Requests decided in one statement (one commit) at most.
     pub admission_batch: usize,
 }
 
