@@ -61,7 +61,8 @@ pub(super) struct Request {
     pub idempotency_key: Option<String>,
     pub request_hash: Vec<u8>,
     pub job_id: Uuid,
-    pub request: Value,
+    /// Shared with the caller, who answers with it once the job is admitted.
+    pub request: Arc<Value>,
     pub history: Option<Value>,
     pub previous_response_id: Option<Uuid>,
     pub outbox_payload: Value,
@@ -123,10 +124,14 @@ impl Batches {
         })
     }
 
-    /// Keys with an admission in progress or waiting in their own queue.
+    /// No runner left and nothing waiting, mixed or per key.
     #[cfg(test)]
-    fn keys_tracked(&self) -> usize {
-        self.shared.keys.lock().expect("not poisoned").len()
+    fn idle(&self) -> bool {
+        self.shared.keys.lock().expect("not poisoned").is_empty()
+            && self.shared.mixed.iter().all(|q| {
+                let q = q.lock().expect("not poisoned");
+                q.runners == 0 && q.waiting.is_empty()
+            })
     }
 }
 
@@ -215,17 +220,19 @@ async fn decide(
         return Vec::new();
     }
     // Models' windows are shared by every key: each batch locks them in the same order.
-    batch.sort_by(|(a, _), (b, _)| (&a.model, a.key.0).cmp(&(&b.model, b.key.0)));
+    batch.sort_by(|(a, _), (b, _)| a.model.cmp(&b.model));
     let requests: Vec<&Request> = batch.iter().map(|(r, _)| r).collect();
     let decided = execute(pool, wait_for_keys, &requests).await;
     let mut busy = Vec::new();
     match decided {
         Ok(rows) if rows.len() == batch.len() => {
-            for ((request, reply), row) in batch.into_iter().zip(rows) {
-                if row.admit.outcome == "busy" && !wait_for_keys {
+            for ((request, reply), admit) in batch.into_iter().zip(rows) {
+                if admit.outcome == "busy" && !wait_for_keys {
                     busy.push((request, reply));
                 } else {
-                    let _ = reply.send(Ok(row.admit));
+                    // Dropped first: the caller takes its request body back from the `Arc`.
+                    drop(request);
+                    let _ = reply.send(Ok(admit));
                 }
             }
         }
@@ -249,19 +256,11 @@ async fn decide(
     busy
 }
 
-#[derive(sqlx::FromRow)]
-struct Row {
-    #[allow(dead_code)]
-    ord: i32,
-    #[sqlx(flatten)]
-    admit: Admit,
-}
-
 async fn execute(
     pool: &PgPool,
     wait_for_keys: bool,
     requests: &[&Request],
-) -> Result<Vec<Row>, sqlx::Error> {
+) -> Result<Vec<Admit>, sqlx::Error> {
     use crate::store::column;
     sqlx::query_as(ADMIT_MANY_SQL)
         .bind(wait_for_keys)
@@ -274,7 +273,7 @@ async fn execute(
         .bind(column(requests, |r| r.idempotency_key.as_deref()))
         .bind(column(requests, |r| r.request_hash.as_slice()))
         .bind(column(requests, |r| r.job_id))
-        .bind(column(requests, |r| Json(&r.request)))
+        .bind(column(requests, |r| Json(&*r.request)))
         .bind(column(requests, |r| r.history.as_ref().map(Json)))
         .bind(column(requests, |r| r.previous_response_id))
         .bind(column(requests, |r| Json(&r.outbox_payload)))
@@ -308,35 +307,69 @@ mod tests {
             idempotency_key: None,
             request_hash: vec![0],
             job_id: Uuid::now_v7(),
-            request: Value::Null,
+            request: Arc::new(Value::Null),
             history: None,
             previous_response_id: None,
             outbox_payload: Value::Null,
         }
     }
 
-    /// With PostgreSQL out of reach, every request of a batch gets its 503 error, the key's
-    /// runners end, and the key is forgotten.
-    #[tokio::test]
-    async fn a_failed_batch_answers_each_request_and_forgets_the_key() {
-        let pool = sqlx::postgres::PgPoolOptions::new()
+    fn unreachable() -> PgPool {
+        sqlx::postgres::PgPoolOptions::new()
             .acquire_timeout(std::time::Duration::from_millis(200))
             .connect_lazy("postgres://nobody@127.0.0.1:1/none")
-            .unwrap();
-        let batches = Arc::new(Batches::new(pool, 1, 64));
-        let key = KeyId(Uuid::now_v7());
+            .unwrap()
+    }
+
+    fn assert_unavailable(answer: Result<Admit, sqlx::Error>) {
+        let e = answer.expect_err("no database, no admission");
+        assert!(
+            matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)),
+            "{e:?}"
+        );
+    }
+
+    /// Waits (a little) until no runner is left and nothing waits, mixed or per key.
+    async fn assert_idle(batches: &Batches) {
+        for _ in 0..100 {
+            if batches.idle() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("runners or requests left behind");
+    }
+
+    /// With PostgreSQL out of reach, every request of a mixed batch gets its 503 error and the
+    /// runners end.
+    #[tokio::test]
+    async fn a_failed_mixed_batch_answers_each_request_and_its_runners_end() {
+        let batches = Arc::new(Batches::new(unreachable(), 1, 64));
         let answers = futures::future::join_all((0..5).map(|_| {
             let batches = batches.clone();
-            async move { batches.admit(request(key)).await }
+            async move { batches.admit(request(KeyId(Uuid::now_v7()))).await }
         }))
         .await;
+        answers.into_iter().for_each(assert_unavailable);
+        assert_idle(&batches).await;
+    }
+
+    /// The same for a busy key's own batches: each request answered, the key forgotten.
+    #[tokio::test]
+    async fn a_failed_key_batch_answers_each_request_and_forgets_the_key() {
+        let batches = Batches::new(unreachable(), 1, 64);
+        let key = KeyId(Uuid::now_v7());
+        let answers: Vec<_> = (0..5)
+            .map(|_| {
+                let (reply, answer) = oneshot::channel();
+                to_key_queue(&batches.shared, request(key), reply);
+                answer
+            })
+            .collect();
+        assert_eq!(batches.shared.keys.lock().unwrap().len(), 1);
         for answer in answers {
-            let e = answer.expect_err("no database, no admission");
-            assert!(
-                matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)),
-                "{e:?}"
-            );
+            assert_unavailable(answer.await.expect("answered"));
         }
-        assert_eq!(batches.keys_tracked(), 0);
+        assert_idle(&batches).await;
     }
 }

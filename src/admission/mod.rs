@@ -372,6 +372,7 @@ impl Admission {
             .await
             .map_err(Rejection::Guardrail)?;
         let request_hash = Sha256::digest(serde_json::to_vec(&raw).expect("JSON serialises"));
+        let raw = Arc::new(raw);
         let reserve = reservation(model, estimate, &request);
 
         let history_json = (!history.is_empty())
@@ -465,7 +466,15 @@ impl Admission {
         };
         tracing::info!(job_id = %id, key_id = %key.id, model = %model.name, "admitted");
         Ok(Admitted::New {
-            job: queued_row(id, key.id, &model.name, raw, created_at, previous),
+            // The batch has dropped its share by now; a copy only if it has not.
+            job: queued_row(
+                id,
+                key.id,
+                &model.name,
+                Arc::try_unwrap(raw).unwrap_or_else(|shared| (*shared).clone()),
+                created_at,
+                previous,
+            ),
             outbox_id,
             message,
         })

@@ -5,6 +5,8 @@
 //! releases what admission took (the in-flight slot and the budget reservation) in the same
 //! statement, so it happens exactly once, whichever path gets there (see [`super::ledger`]).
 
+use std::collections::{HashMap, HashSet};
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{types::Json, PgConnection, PgPool};
@@ -144,7 +146,7 @@ pub async fn claim_many(
     .await?;
     // Each row is read alone: a row this build cannot read fails its own job's claim (the
     // worker then fails that job), not the batch's.
-    let mut claimed = std::collections::HashMap::with_capacity(rows.len());
+    let mut claimed = HashMap::with_capacity(rows.len());
     for row in &rows {
         let id = JobId(sqlx::Row::try_get(row, "id")?);
         claimed.insert(id, <Claimed as sqlx::FromRow<_>>::from_row(row));
@@ -160,12 +162,13 @@ pub async fn claim_many(
                 .await?;
         }
     }
+    let claimed_ids: HashSet<JobId> = claimed.keys().copied().collect();
     let unclaimed: Vec<Uuid> = uuids
         .iter()
-        .filter(|id| !claimed.contains_key(&JobId(**id)))
+        .filter(|id| !claimed_ids.contains(&JobId(**id)))
         .copied()
         .collect();
-    let statuses: std::collections::HashMap<JobId, JobStatus> = if unclaimed.is_empty() {
+    let statuses: HashMap<JobId, JobStatus> = if unclaimed.is_empty() {
         Default::default()
     } else {
         sqlx::query_as("SELECT id, status FROM tollgate.jobs WHERE id = ANY($1)")
@@ -179,9 +182,9 @@ pub async fn claim_many(
         .iter()
         .map(|id| match claimed.remove(id) {
             Some(claim) => claim.map(Claim::Claimed),
+            // An earlier copy of the id in this batch claimed it.
+            None if claimed_ids.contains(id) => Ok(Claim::Running),
             None => Ok(match statuses.get(id) {
-                // Not looked up: an earlier copy of the id in this batch claimed it.
-                None if !unclaimed.contains(&id.0) => Claim::Running,
                 None => Claim::Missing,
                 Some(JobStatus::Queued | JobStatus::InProgress) => Claim::Running,
                 Some(terminal) => Claim::Finished(*terminal),
@@ -206,10 +209,7 @@ pub struct Append {
 /// `output_arguments` are assembled when the attempt ends, not here.
 /// Returns the jobs whose batch was written; the others' attempts must stop. At most one batch
 /// per job.
-pub async fn append_many(
-    pool: &PgPool,
-    batches: &[Append],
-) -> Result<std::collections::HashSet<JobId>, sqlx::Error> {
+pub async fn append_many(pool: &PgPool, batches: &[Append]) -> Result<HashSet<JobId>, sqlx::Error> {
     let n = batches.len();
     let (mut ids, mut attempts, mut seqs) = (
         Vec::with_capacity(n),
@@ -318,7 +318,7 @@ pub struct Finish<'a> {
 pub async fn finish_many(pool: &PgPool, finishes: &[Finish<'_>]) -> Result<Vec<bool>, sqlx::Error> {
     debug_assert!(finishes.iter().all(|f| f.outcome.status.is_terminal()));
     use super::column;
-    let finished: Vec<Uuid> = sqlx::query_scalar(
+    let finished: HashSet<Uuid> = sqlx::query_scalar(
         "SELECT * FROM tollgate.finish_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(column(finishes, |f| f.id.0))
@@ -332,7 +332,9 @@ pub async fn finish_many(pool: &PgPool, finishes: &[Finish<'_>]) -> Result<Vec<b
     .bind(column(finishes, |f| f.outcome.incomplete_reason))
     .bind(column(finishes, |f| f.outcome.spent.reasoning_tokens))
     .fetch_all(pool)
-    .await?;
+    .await?
+    .into_iter()
+    .collect();
     Ok(finishes
         .iter()
         .map(|f| finished.contains(&f.id.0))

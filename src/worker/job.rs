@@ -151,7 +151,10 @@ async fn run_inner(
             format!("gave up after {} attempts", settings.max_attempts),
             attempt,
         );
-        jobs::finish(&worker.pool, id, attempt, &failed(Spent::default(), error)).await?;
+        worker
+            .finishes
+            .call((id, attempt, failed(Spent::default(), error)))
+            .await?;
         return Ok(Disposition::Ack);
     }
     let read = CreateResponse::from_value(&request).and_then(|request| {
@@ -166,7 +169,10 @@ async fn run_inner(
                 format!("stored request unreadable: {}", e.message),
                 attempt,
             );
-            jobs::finish(&worker.pool, id, attempt, &failed(Spent::default(), error)).await?;
+            worker
+                .finishes
+                .call((id, attempt, failed(Spent::default(), error)))
+                .await?;
             return Ok(Disposition::Ack);
         }
     };
@@ -176,7 +182,10 @@ async fn run_inner(
             format!("model {model_name} is no longer configured"),
             attempt,
         );
-        jobs::finish(&worker.pool, id, attempt, &failed(Spent::default(), error)).await?;
+        worker
+            .finishes
+            .call((id, attempt, failed(Spent::default(), error)))
+            .await?;
         return Ok(Disposition::Ack);
     };
 
