@@ -206,7 +206,11 @@ async fn run_phases(
     settings: Arc<Settings>,
     registry: Registry,
 ) -> anyhow::Result<Figures> {
-    let mut figures = Figures::default();
+    let mut figures = Figures {
+        keys: settings.keys,
+        concurrency: settings.concurrency,
+        ..Figures::default()
+    };
     for phase in &phases {
         println!("\n=== {phase} ===");
         match phase.as_str() {

@@ -48,8 +48,6 @@ pub async fn run(
 }
 
 async fn measure(settings: &Settings, env: &mut Env, figures: &mut Figures) -> anyhow::Result<()> {
-    figures.keys = settings.keys;
-    figures.concurrency = settings.concurrency;
     env.migrate().await?;
     // Keys 0..keys carry the spread load; key `keys` is the hot one.
     env.create_keys(settings.keys + 1).await?;

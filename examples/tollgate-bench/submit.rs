@@ -28,8 +28,6 @@ pub async fn run(
 }
 
 async fn measure(settings: &Settings, env: &mut Env, figures: &mut Figures) -> anyhow::Result<()> {
-    figures.keys = settings.keys;
-    figures.concurrency = settings.concurrency;
     env.migrate().await?;
     env.create_keys(settings.keys + 1).await?;
     env.start(Role::Serve).await?;
