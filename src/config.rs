@@ -26,6 +26,10 @@ pub struct Config {
     pub worker: WorkerConfig,
     #[serde(default)]
     pub guardrails: GuardrailsConfig,
+    #[serde(default)]
+    pub events: EventsConfig,
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
     #[serde(default = "default_models")]
     pub models: Vec<ModelConfig>,
 }
@@ -149,6 +153,110 @@ impl Default for AmqpConfig {
             publish_timeout_ms: 5000,
         }
     }
+}
+
+/// Lifecycle events (README "Lifecycle events"): every transition of a job, published to a topic
+/// exchange.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Durable topic exchange the events are published to, routing key `job.<status>.<model>`.
+    pub exchange: String,
+    /// Adds the stored request and the output text to terminal events. Off by default: events
+    /// carry neither the prompt nor the output.
+    pub include_content: bool,
+    /// How often the event relay looks for events to publish, in milliseconds (it goes on at
+    /// once while there are more).
+    pub relay_interval_ms: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            exchange: "tollgate.events".into(),
+            include_content: false,
+            relay_interval_ms: 100,
+        }
+    }
+}
+
+/// Webhooks (README "Webhooks"): OpenAI's `response.*` events, POSTed to endpoints configured
+/// per key and signed by the Standard Webhooks specification.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Whether workers deliver webhooks. Off: the webhooks queue is not declared, nor consumed
+    /// (a queue declared earlier stays bound: delete it).
+    pub enabled: bool,
+    /// Quorum queue of the deliveries, bound to the events exchange for terminal events. Its
+    /// retries wait in `<queue>.delay.<n>` and its abandoned deliveries go to `<queue>.dead`.
+    pub queue: String,
+    /// The wait before each retry, in seconds: retry n waits `retry_schedule_secs[n - 1]`. A
+    /// delivery whose last retry fails is dead-lettered. The default retries 10 times over
+    /// about 23.7 hours.
+    pub retry_schedule_secs: Vec<u64>,
+    /// One attempt's time limit (connect, send, answer), in milliseconds.
+    pub timeout_ms: u64,
+    /// Deliveries one worker process makes at once (also the queue's prefetch).
+    pub concurrency: u16,
+    /// How often the worker re-reads the endpoints, in milliseconds: a new or removed endpoint
+    /// takes effect within this time.
+    pub refresh_ms: u64,
+    /// Networks an endpoint may reach although they are not public (loopback, private,
+    /// link-local, metadata…), as CIDRs or single addresses. Empty by default: only public
+    /// addresses.
+    pub allow_networks: Vec<String>,
+    /// Endpoints declared here are added (or updated, by key and URL) when the worker starts.
+    pub endpoints: Vec<WebhookEndpointConfig>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            queue: "tollgate.webhooks".into(),
+            retry_schedule_secs: vec![5, 30, 120, 600, 1800, 3600, 7200, 14_400, 28_800, 28_800],
+            timeout_ms: 10_000,
+            concurrency: 64,
+            refresh_ms: 2000,
+            allow_networks: Vec::new(),
+            endpoints: Vec::new(),
+        }
+    }
+}
+
+impl WebhooksConfig {
+    /// The delay queue a delivery waits in before retry `level` (≥ 1).
+    pub fn retry_queue(&self, level: usize) -> String {
+        format!("{}.delay.{level}", self.queue)
+    }
+
+    /// Every delay queue of the retry schedule.
+    pub fn delay_queues(&self) -> Vec<String> {
+        (1..=self.retry_schedule_secs.len())
+            .map(|level| self.retry_queue(level))
+            .collect()
+    }
+
+    /// Where deliveries go whose last retry failed.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.queue)
+    }
+}
+
+/// A webhook endpoint declared in the configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEndpointConfig {
+    /// The id of the key whose jobs it hears about.
+    pub key_id: uuid::Uuid,
+    pub url: String,
+    /// Event types (`response.completed`, `response.failed`, `response.cancelled`,
+    /// `response.incomplete`); empty or absent: all of them.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// The signing secret, `whsec_` and base64.
+    pub secret: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -503,6 +611,8 @@ impl Default for Config {
             server: ServerConfig::default(),
             worker: WorkerConfig::default(),
             guardrails: GuardrailsConfig::default(),
+            events: EventsConfig::default(),
+            webhooks: WebhooksConfig::default(),
             models: default_models(),
         }
     }
@@ -610,6 +720,16 @@ impl Config {
         if self.server.admissions_per_key == 0 {
             return Err(ConfigError::Invalid(
                 "server.admissions_per_key must be > 0".into(),
+            ));
+        }
+        if self.webhooks.retry_schedule_secs.len() > 20 {
+            return Err(ConfigError::Invalid(
+                "webhooks.retry_schedule_secs holds at most 20 waits".into(),
+            ));
+        }
+        if self.webhooks.concurrency == 0 {
+            return Err(ConfigError::Invalid(
+                "webhooks.concurrency must be > 0".into(),
             ));
         }
         if self.server.admission_batch == 0 {

@@ -22,4 +22,5 @@ pub mod run;
 pub mod store;
 pub mod telemetry;
 pub mod tokens;
+pub mod webhooks;
 pub mod worker;

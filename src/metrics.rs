@@ -22,6 +22,14 @@ const HELP: &[(&str, &str)] = &[
         "tollgate_jobs_finished_total",
         "Jobs that reached a terminal state in a worker, by status.",
     ),
+    (
+        "tollgate_events_published_total",
+        "Lifecycle events published to the events exchange, by type.",
+    ),
+    (
+        "tollgate_webhook_deliveries_total",
+        "Webhook delivery attempts, by outcome.",
+    ),
 ];
 
 /// Adds one to the counter `name` with the label `label_name="label"`.

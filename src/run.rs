@@ -45,6 +45,7 @@ pub async fn serve(
         Duration::from_millis(config.server.relay_grace_ms),
         shutdown.clone(),
     ));
+    let events = tokio::spawn(event_relay(&config, &pool, &publisher, &shutdown));
     let sweeper = tokio::spawn(sweep(
         pool.clone(),
         config.clone(),
@@ -85,6 +86,7 @@ pub async fn serve(
     }
     shutdown.cancel();
     let _ = relay.await;
+    let _ = events.await;
     let _ = sweeper.await;
     // The last marks are written once the connections holding the state have closed; a mark
     // not written in time only means the relay publishes that row again.
@@ -154,9 +156,32 @@ async fn sweep(
     }
 }
 
-/// Runs the worker until `shutdown`.
+/// The event relay of this process (`queue/outbox.rs`): every process runs one, so events are
+/// published whichever processes run; one at a time publishes.
+fn event_relay(
+    config: &Config,
+    pool: &PgPool,
+    publisher: &Arc<Publisher>,
+    shutdown: &CancellationToken,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    outbox::run_event_relay(
+        pool.clone(),
+        publisher.clone(),
+        Duration::from_millis(config.events.relay_interval_ms),
+        config.events.include_content,
+        shutdown.clone(),
+    )
+}
+
+/// Runs the worker, its event relay and (unless disabled) the webhook deliveries until
+/// `shutdown`.
 pub async fn work(config: Arc<Config>, pool: PgPool, shutdown: CancellationToken) {
-    Worker::new(pool, config).run(shutdown).await
+    let publisher = Arc::new(Publisher::new(config.clone()));
+    let events = tokio::spawn(event_relay(&config, &pool, &publisher, &shutdown));
+    Worker::new(pool, config).run(shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = events.await;
+    publisher.close().await;
 }
 
 /// Binds the configured listen address.

@@ -15,9 +15,17 @@
 //!   `Retry-After`, for a longer wait than its backoff; `<queue>.delay.db` for a job whose worker
 //!   could not reach PostgreSQL.
 //!
+//! - topic exchange `events.exchange` (`tollgate.events`): lifecycle events ([`events`]);
+//! - webhooks (unless `webhooks.enabled` is false): quorum queue `webhooks.queue`, bound to the
+//!   events exchange for terminal events ([`WEBHOOK_BINDINGS`]), dead-lettering to nothing; its
+//!   delay queues `<queue>.delay.<n>` (classic) dead-letter back to it through the default
+//!   exchange; a delivery abandoned after its last retry is published to the quorum queue
+//!   `<queue>.dead`.
+//!
 //! No argument depends on a setting, so settings can change between restarts (see
 //! [`declare_topology`]).
 
+pub mod events;
 pub mod outbox;
 mod publisher;
 
@@ -37,6 +45,14 @@ use crate::{
 
 /// Routing key of job messages on the jobs exchange.
 pub const ROUTING_KEY: &str = "jobs";
+
+/// The bindings of the webhooks queue to the events exchange: the terminal events, of any model.
+pub const WEBHOOK_BINDINGS: [&str; 4] = [
+    "job.completed.*",
+    "job.failed.*",
+    "job.cancelled.*",
+    "job.incomplete.*",
+];
 
 /// Header naming why a worker dead-lettered a message.
 pub const REASON_HEADER: &str = "x-tollgate-reason";
@@ -91,6 +107,35 @@ pub async fn declare_topology(conn: &Connection, full: &Config) -> Result<(), la
         args
     };
 
+    // Events first: a process that sees the jobs queue can count on the rest.
+    channel
+        .exchange_declare(
+            full.events.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    if full.webhooks.enabled {
+        let hooks = &full.webhooks;
+        declare_queue(conn, &mut channel, &hooks.queue, quorum(&[])).await?;
+        for key in WEBHOOK_BINDINGS {
+            bind(&channel, &hooks.queue, &full.events.exchange, key).await?;
+        }
+        declare_queue(conn, &mut channel, &hooks.dead_letter_queue(), quorum(&[])).await?;
+        for name in hooks.delay_queues() {
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(hooks.queue.as_str().into()),
+            );
+            declare_queue(conn, &mut channel, &name, args).await?;
+        }
+    }
     channel
         .exchange_declare(
             config.dead_letter_exchange.as_str().into(),

@@ -12,6 +12,13 @@
 //!   whose worker died ([`rescue_lapsed`]), and one left `queued` whose message was lost —
 //!   dead-lettered, purged — ([`requeue_overdue`]).
 //! - Published rows are removed after a day by the front's sweeper (`store/retention.rs`).
+//!
+//! Lifecycle events (`queue/events.rs`) have an outbox of their own, `tollgate.event_outbox`,
+//! beside this one, written by a trigger on `tollgate.jobs` in the transaction of each
+//! transition (migration `20261201000003_lifecycle_events.sql`). An event outlives its job (the
+//! `deleted` event), and must be published promptly and in order, so its relay
+//! ([`run_event_relay`]) differs: every process runs one, one at a time publishes (an advisory
+//! lock), oldest first, with no grace period (nobody else publishes events).
 
 use std::{sync::Arc, time::Duration};
 
@@ -20,8 +27,11 @@ use sqlx::{types::Json, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{JobMessage, Publisher};
-use crate::{ids::JobId, store::jobs};
+use super::{
+    events::{JobEvent, EVENT_VERSION},
+    JobMessage, Publisher,
+};
+use crate::{ids::JobId, metrics, store::jobs};
 
 /// Rows published per relay transaction.
 const RELAY_BATCH: i64 = 100;
@@ -204,6 +214,169 @@ pub async fn run_relay(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Events published per relay transaction at most.
+const EVENT_BATCH: i64 = 1000;
+
+/// The advisory lock (transaction-scoped) held by the one relay publishing events at a time:
+/// one publisher, in id order, keeps each job's events in order on the exchange.
+const EVENT_RELAY_LOCK: i64 = 0x7467_6576_656e_7473;
+
+/// An event row as the relay reads it.
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    id: i64,
+    event_id: uuid::Uuid,
+    job_id: uuid::Uuid,
+    key_id: uuid::Uuid,
+    model: String,
+    status: String,
+    seq: i32,
+    attempt: i32,
+    input_tokens: Option<i32>,
+    output_tokens: Option<i32>,
+    usage_estimated: Option<bool>,
+    reserved_micro_usd: i64,
+    cost_micro_usd: Option<i64>,
+    charged_micro_usd: Option<i64>,
+    error: Option<Json<Value>>,
+    incomplete_reason: Option<String>,
+    job_created_at: chrono::DateTime<chrono::Utc>,
+    started_at: Option<chrono::DateTime<chrono::Utc>>,
+    finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    occurred_at: chrono::DateTime<chrono::Utc>,
+    request: Option<Json<Value>>,
+    output_text: Option<String>,
+}
+
+impl From<EventRow> for JobEvent {
+    fn from(row: EventRow) -> Self {
+        JobEvent {
+            v: EVENT_VERSION,
+            id: JobEvent::public_id(row.event_id),
+            kind: format!("job.{}", row.status),
+            job_id: JobId(row.job_id).to_string(),
+            key_id: row.key_id,
+            model: row.model,
+            status: row.status,
+            seq: row.seq,
+            attempt: row.attempt,
+            input_tokens: row.input_tokens,
+            output_tokens: row.output_tokens,
+            usage_estimated: row.usage_estimated,
+            reserved_micro_usd: row.reserved_micro_usd,
+            cost_micro_usd: row.cost_micro_usd,
+            charged_micro_usd: row.charged_micro_usd,
+            error: row.error.map(|Json(e)| e),
+            incomplete_reason: row.incomplete_reason,
+            created_at: row.job_created_at,
+            started_at: row.started_at,
+            finished_at: row.finished_at,
+            occurred_at: row.occurred_at,
+            request: row.request.map(|Json(r)| r),
+            output_text: row.output_text,
+        }
+    }
+}
+
+/// Publishes one batch of unsent events, oldest first, if no other relay is publishing events
+/// (else does nothing). Events RabbitMQ confirmed are marked sent; one it did not stays unsent
+/// and is published again on the next pass — after later events, if any were confirmed: so a
+/// consumer may see a job's event again, or late, and puts them in order by `seq`. With
+/// `include_content`, terminal events carry the job's stored request and output text, as they
+/// are when the event is published. Returns how many were confirmed.
+pub async fn relay_events_once(
+    pool: &PgPool,
+    publisher: &Publisher,
+    include_content: bool,
+) -> Result<usize, anyhow::Error> {
+    let mut tx = pool.begin().await?;
+    let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(EVENT_RELAY_LOCK)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !ours {
+        return Ok(0);
+    }
+    let rows: Vec<EventRow> = sqlx::query_as(
+        "SELECT e.id, e.event_id, e.job_id, e.key_id, e.model, e.status, e.seq, e.attempt,
+                e.input_tokens, e.output_tokens, e.usage_estimated, e.reserved_micro_usd,
+                e.cost_micro_usd, e.charged_micro_usd, e.error, e.incomplete_reason,
+                e.job_created_at, e.started_at, e.finished_at, e.occurred_at,
+                j.request, j.output_text
+           FROM tollgate.event_outbox e
+           LEFT JOIN tollgate.jobs j
+                  ON $2 AND j.id = e.job_id
+                 AND e.status IN ('completed', 'failed', 'cancelled', 'incomplete')
+          WHERE e.sent_at IS NULL
+          ORDER BY e.id LIMIT $1",
+    )
+    .bind(EVENT_BATCH)
+    .bind(include_content)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let events: Vec<JobEvent> = rows.into_iter().map(JobEvent::from).collect();
+    let confirmed = publisher.publish_events(&events).await?;
+    let sent: Vec<i64> = ids
+        .iter()
+        .zip(&confirmed)
+        .filter(|(_, ok)| **ok)
+        .map(|(id, _)| *id)
+        .collect();
+    sqlx::query(
+        "UPDATE tollgate.event_outbox
+            SET sent_at = CASE WHEN id = ANY($2) THEN now() END,
+                publish_attempts = publish_attempts + 1
+          WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .bind(&sent)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    for (event, ok) in events.iter().zip(&confirmed) {
+        if *ok {
+            metrics::increment("tollgate_events_published_total", "type", &event.kind);
+        }
+    }
+    if sent.len() < ids.len() {
+        anyhow::bail!(
+            "RabbitMQ did not confirm {} of {} events; they stay in the outbox",
+            ids.len() - sent.len(),
+            ids.len()
+        );
+    }
+    Ok(sent.len())
+}
+
+/// Runs the event relay until `shutdown` is cancelled: every process runs one, and one at a time
+/// publishes. It goes on at once while batches come full, else waits `interval`.
+pub async fn run_event_relay(
+    pool: PgPool,
+    publisher: Arc<Publisher>,
+    interval: Duration,
+    include_content: bool,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let wait = match relay_events_once(&pool, &publisher, include_content).await {
+            Ok(n) if n as i64 == EVENT_BATCH => Duration::ZERO,
+            Ok(_) => interval,
+            Err(e) => {
+                tracing::warn!(error = %e, "event relay could not publish; will retry");
+                interval
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }

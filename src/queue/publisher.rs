@@ -16,7 +16,7 @@ use lapin::{
 };
 use tokio::sync::Mutex;
 
-use super::{declare_topology, JobMessage, ROUTING_KEY};
+use super::{declare_topology, events::JobEvent, JobMessage, ROUTING_KEY};
 use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +124,44 @@ impl Publisher {
         };
         let channel = self.channel().await?;
         publish_on(&channel, message, envelope, self.timeout()).await
+    }
+
+    /// Publishes lifecycle events to the events exchange, pipelined: every message is sent, then
+    /// every confirm awaited. Returns, in order, whether RabbitMQ confirmed each. Not
+    /// `mandatory`: an event that no queue is bound for is dropped by RabbitMQ, which is no
+    /// failure (nobody listens for it).
+    pub async fn publish_events(&self, events: &[JobEvent]) -> Result<Vec<bool>, PublishError> {
+        let channel = self.channel().await?;
+        let mut confirms = Vec::with_capacity(events.len());
+        for event in events {
+            let body = serde_json::to_vec(event).expect("an event serialises");
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(event.id.as_str().into())
+                .with_type(event.kind.as_str().into())
+                .with_timestamp(event.occurred_at.timestamp().max(0) as u64);
+            confirms.push(
+                channel
+                    .basic_publish(
+                        self.config.events.exchange.as_str().into(),
+                        event.routing_key().into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        properties,
+                    )
+                    .await?,
+            );
+        }
+        let deadline = tokio::time::Instant::now() + self.timeout();
+        let mut confirmed = Vec::with_capacity(confirms.len());
+        for confirm in confirms {
+            confirmed.push(matches!(
+                tokio::time::timeout_at(deadline, confirm).await,
+                Ok(Ok(c)) if c.is_ack()
+            ));
+        }
+        Ok(confirmed)
     }
 
     /// How many messages wait in the jobs queue, ready for a consumer (not counting those

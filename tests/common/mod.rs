@@ -62,6 +62,8 @@ pub fn isolated_config(models: Vec<ModelConfig>) -> Config {
         models,
         ..Config::default()
     };
+    config.events.exchange = format!("tg-test-{tag}.events");
+    config.webhooks.queue = format!("tg-test-{tag}.webhooks");
     config.server.listen = "127.0.0.1:0".into();
     config.worker.flush_interval_ms = 10;
     config.worker.flush_max_deltas = 8;
@@ -444,7 +446,11 @@ impl Drop for TestEnv {
         }
         let db_url = self.config.database.url.clone();
         let amqp = self.config.amqp.clone();
-        let retry_queues = amqp.delay_queues(self.config.worker.max_attempts);
+        let mut retry_queues = amqp.delay_queues(self.config.worker.max_attempts);
+        let hooks = &self.config.webhooks;
+        retry_queues.extend(hooks.delay_queues());
+        retry_queues.extend([hooks.queue.clone(), hooks.dead_letter_queue()]);
+        let events_exchange = self.config.events.exchange.clone();
         // Clean up on a thread of its own: Drop cannot await, and the test's runtime may be
         // shutting down. The broker is always the test broker, even when the test pointed the
         // front elsewhere (a test may have declared the topology there later).
@@ -471,7 +477,7 @@ impl Drop for TestEnv {
                         {
                             let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
                         }
-                        for x in [&amqp.exchange, &amqp.dead_letter_exchange] {
+                        for x in [&amqp.exchange, &amqp.dead_letter_exchange, &events_exchange] {
                             let _ = ch
                                 .exchange_delete(x.as_str().into(), Default::default())
                                 .await;
