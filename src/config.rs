@@ -727,6 +727,17 @@ impl Config {
                 "webhooks.retry_schedule_secs holds at most 20 waits".into(),
             ));
         }
+        crate::webhooks::ssrf::AddressPolicy::new(&self.webhooks.allow_networks)
+            .map_err(|e| ConfigError::Invalid(format!("webhooks.allow_networks: {e}")))?;
+        for endpoint in &self.webhooks.endpoints {
+            let invalid = |e: String| {
+                ConfigError::Invalid(format!("webhook endpoint {:?}: {e}", endpoint.url))
+            };
+            crate::webhooks::check_types(Some(&endpoint.events))
+                .map_err(|e| invalid(e.to_string()))?;
+            crate::webhooks::sign::Secret::parse(&endpoint.secret)
+                .map_err(|e| invalid(e.to_string()))?;
+        }
         if self.webhooks.concurrency == 0 {
             return Err(ConfigError::Invalid(
                 "webhooks.concurrency must be > 0".into(),

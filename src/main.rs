@@ -1,7 +1,9 @@
 use std::{path::PathBuf, sync::Arc};
 
 use clap::{Args, Parser, Subcommand};
-use tollgate::{config::Config, money::MicroUsd, run, store, store::keys::BudgetPeriod, telemetry};
+use tollgate::{
+    config::Config, money::MicroUsd, run, store, store::keys::BudgetPeriod, telemetry, webhooks,
+};
 
 /// Admission-controlled, queue-backed background jobs for LLM requests.
 #[derive(Parser)]
@@ -27,6 +29,40 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Manage webhook endpoints and replay deliveries.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
+}
+
+#[derive(Subcommand)]
+enum WebhooksCommand {
+    /// Add an endpoint to a key (or update the key's endpoint at this URL); prints its id, then
+    /// its signing secret alone on the last line, shown this once (or a JSON object with --json).
+    Add(AddEndpoint),
+    /// List endpoints, live and removed, without their secrets (JSON lines).
+    List,
+    /// Remove an endpoint by its id: it receives nothing more; its deliveries stay on record.
+    Remove { endpoint: uuid::Uuid },
+    /// Send one recorded delivery (`tollgate.webhook_delivery_log.id`) again, now.
+    Replay { delivery: i64 },
+}
+
+#[derive(Args)]
+struct AddEndpoint {
+    /// The id of the key whose jobs the endpoint hears about.
+    #[arg(long)]
+    key: uuid::Uuid,
+    #[arg(long)]
+    url: String,
+    /// Event types, comma separated (default: all): response.completed, response.failed,
+    /// response.cancelled, response.incomplete.
+    #[arg(long, value_delimiter = ',')]
+    events: Option<Vec<String>>,
+    /// Use this secret (`whsec_` and base64) instead of a new one.
+    #[arg(long)]
+    secret: Option<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -108,6 +144,7 @@ async fn main() -> anyhow::Result<()> {
             served?;
         }
         Command::Keys(KeysCommand::Create(args)) => create_key(&pool, args).await?,
+        Command::Webhooks(command) => webhooks(&pool, &config, command).await?,
         Command::Keys(KeysCommand::List) => {
             for key in store::keys::list(&pool).await? {
                 println!("{}", serde_json::to_string(&key)?);
@@ -131,6 +168,64 @@ async fn main() -> anyhow::Result<()> {
                         listed.join(", ")
                     )
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn webhooks(
+    pool: &sqlx::PgPool,
+    config: &Config,
+    command: WebhooksCommand,
+) -> anyhow::Result<()> {
+    match command {
+        WebhooksCommand::Add(args) => {
+            let (id, secret) = webhooks::add_endpoint(
+                pool,
+                config,
+                args.key,
+                &args.url,
+                args.events.as_deref(),
+                args.secret.as_deref(),
+            )
+            .await?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"id": id, "key_id": args.key, "url": args.url,
+                                       "events": args.events, "secret": secret})
+                );
+            } else {
+                println!("webhook endpoint {id} for key {} at {}", args.key, args.url);
+                println!("{secret}");
+            }
+        }
+        WebhooksCommand::List => {
+            for endpoint in store::webhooks::list(pool).await? {
+                println!("{}", serde_json::to_string(&endpoint)?);
+            }
+        }
+        WebhooksCommand::Remove { endpoint } => {
+            if !store::webhooks::disable(pool, endpoint).await? {
+                anyhow::bail!("no live webhook endpoint with id {endpoint}");
+            }
+            println!("removed webhook endpoint {endpoint}");
+        }
+        WebhooksCommand::Replay { delivery } => {
+            let replayed = webhooks::replay(pool, config, delivery).await?;
+            let answer = match &replayed.sent {
+                Ok(code) => format!("answered {code}"),
+                Err(e) => e.clone(),
+            };
+            println!(
+                "delivery {delivery} sent again as delivery {} (attempt {}): {answer}, in {} ms",
+                replayed.delivery_id,
+                replayed.attempt,
+                replayed.latency.as_millis()
+            );
+            if !matches!(replayed.sent, Ok(code) if (200..300).contains(&code)) {
+                std::process::exit(1);
             }
         }
     }

@@ -17,6 +17,7 @@ use crate::{
         Publisher,
     },
     store::{self, jobs, notify::JobWatch},
+    webhooks::deliver::Deliverer,
     worker::Worker,
 };
 
@@ -178,9 +179,17 @@ fn event_relay(
 pub async fn work(config: Arc<Config>, pool: PgPool, shutdown: CancellationToken) {
     let publisher = Arc::new(Publisher::new(config.clone()));
     let events = tokio::spawn(event_relay(&config, &pool, &publisher, &shutdown));
+    let webhooks = config.webhooks.enabled.then(|| {
+        let deliverer = Deliverer::new(pool.clone(), config.clone())
+            .expect("webhooks.allow_networks was checked with the configuration");
+        tokio::spawn(deliverer.run(shutdown.clone()))
+    });
     Worker::new(pool, config).run(shutdown.clone()).await;
     shutdown.cancel();
     let _ = events.await;
+    if let Some(webhooks) = webhooks {
+        let _ = webhooks.await;
+    }
     publisher.close().await;
 }
 

@@ -8,6 +8,7 @@ pub mod keys;
 pub mod ledger;
 pub mod notify;
 pub mod retention;
+pub mod webhooks;
 
 use sqlx::{
     migrate::{MigrateDatabase, MigrateError, Migrator},

@@ -2,7 +2,7 @@
 //! (their events and outbox rows go with them, and each gets its `deleted` lifecycle event);
 //! published outbox rows, published lifecycle events and rate windows are removed
 //! after a day (a window matters for its minute and for correcting the tokens of the jobs admitted
-//! in it), rejection counts after the retention.
+//! in it), rejection counts and webhook deliveries after the retention.
 
 use sqlx::PgPool;
 
@@ -46,6 +46,13 @@ const PURGES: &[(&str, Option<i32>, &str)] = &[
         "DELETE FROM tollgate.model_rate_windows WHERE ctid IN (
              SELECT ctid FROM tollgate.model_rate_windows
               WHERE window_start < now() - make_interval(days => $1) LIMIT $2)",
+    ),
+    (
+        "webhook_deliveries",
+        None,
+        "DELETE FROM tollgate.webhook_deliveries WHERE id IN (
+             SELECT id FROM tollgate.webhook_deliveries
+              WHERE attempted_at < now() - make_interval(days => $1) LIMIT $2)",
     ),
     (
         "rejections",
