@@ -135,6 +135,8 @@ impl Env {
         config.amqp.queue = format!("tollgate.jobs.{id}");
         config.amqp.dead_letter_exchange = format!("tollgate.dlx.{id}");
         config.amqp.dead_letter_queue = format!("tollgate.jobs.dead.{id}");
+        config.events.exchange = format!("tollgate.events.{id}");
+        config.webhooks.queue = format!("tollgate.webhooks.{id}");
         config.amqp.connection_name = format!("tollgate-bench-{phase}");
         config.server.listen = format!("127.0.0.1:{port}");
         config.server.shutdown_grace_seconds = 2;
