@@ -38,7 +38,11 @@ use super::{payload, send, sign::Secret, ssrf, webhook_type, Sent};
 use crate::{
     config::Config,
     metrics,
-    queue::{self, events::JobEvent, Envelope},
+    queue::{
+        self,
+        events::{JobEvent, EVENT_VERSION},
+        Envelope,
+    },
     store::webhooks as store,
 };
 
@@ -299,7 +303,20 @@ impl Deliverer {
     /// Handles one message and acks it, or gives it back when a follow-up could not be
     /// scheduled.
     async fn handle(&self, delivery: Delivery, publish: &Channel) {
-        let scheduled = match serde_json::from_slice::<Incoming>(&delivery.data) {
+        let incoming = match serde_json::from_slice::<Incoming>(&delivery.data) {
+            Ok(Incoming::Event(event)) if event.v != EVENT_VERSION => {
+                Err(format!("lifecycle event of unknown version {}", event.v))
+            }
+            Ok(Incoming::Retry(retry)) if retry.v != RETRY_VERSION || retry.attempt < 2 => {
+                Err(format!(
+                    "webhook retry of unknown version {} or attempt {}",
+                    retry.v, retry.attempt
+                ))
+            }
+            Ok(incoming) => Ok(incoming),
+            Err(e) => Err(format!("not a lifecycle event nor a webhook retry: {e}")),
+        };
+        let scheduled = match incoming {
             Ok(Incoming::Event(event)) => self.deliver_event(&event, publish).await,
             Ok(Incoming::Retry(retry)) => match self.snapshot().by_id.get(&retry.endpoint_id) {
                 Some(endpoint) => self.attempt(endpoint, retry, publish).await,
@@ -308,8 +325,7 @@ impl Deliverer {
                     true
                 }
             },
-            Err(e) => {
-                let reason = format!("not a lifecycle event nor a webhook retry: {e}");
+            Err(reason) => {
                 tracing::error!(%reason, "webhook message dead-lettered");
                 self.dead_letter(publish, &delivery.data, &reason).await
             }
@@ -383,12 +399,12 @@ impl Deliverer {
         let schedule = &self.config.webhooks.retry_schedule_secs;
         let (outcome, scheduled) = if delivered {
             ("delivered", true)
-        } else if let Some(wait) = schedule.get(delivery.attempt as usize - 1) {
+        } else if let Some(wait) = schedule.get(delivery.attempt.max(1) as usize - 1) {
             let next = Retry {
                 attempt: delivery.attempt + 1,
                 ..delivery.clone()
             };
-            let level = delivery.attempt as usize;
+            let level = delivery.attempt.max(1) as usize;
             let queue_name = self.config.webhooks.retry_queue(level);
             let body = serde_json::to_vec(&next).expect("a retry serialises");
             let envelope = Envelope {
