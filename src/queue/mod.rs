@@ -37,6 +37,8 @@ use lapin::{
     Channel, Connection, ExchangeKind,
 };
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{Config, BROKER_DELIVERY_LIMIT},
@@ -192,6 +194,29 @@ pub async fn declare_topology(conn: &Connection, full: &Config) -> Result<(), la
     }
     let _ = channel.close(200, "topology declared".into()).await;
     Ok(())
+}
+
+/// Runs `consume` (one connection's worth of consuming) until `shutdown`, and again after each
+/// failure, waiting 200 ms, doubling up to 10 s (back to 200 ms after a clean return).
+pub async fn reconnecting<F, Fut>(what: &str, shutdown: &CancellationToken, mut consume: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        match consume().await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "{what} lost RabbitMQ; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
 }
 
 /// Declares a durable queue. If it exists with other arguments, RabbitMQ closes the channel

@@ -135,20 +135,7 @@ impl Deliverer {
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
         let refresher = tokio::spawn(self.clone().refresh(shutdown.clone()));
-        backoff = Duration::from_millis(200);
-        while !shutdown.is_cancelled() {
-            match self.consume(&shutdown).await {
-                Ok(()) => backoff = Duration::from_millis(200),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "webhook deliverer lost RabbitMQ; reconnecting");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => {}
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
+        queue::reconnecting("webhook deliverer", &shutdown, || self.consume(&shutdown)).await;
         refresher.abort();
     }
 

@@ -154,20 +154,7 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) {
         let abort = CancellationToken::new();
         let listener = tokio::spawn(self.clone().listen_for_cancels(shutdown.clone()));
-        let mut backoff = Duration::from_millis(200);
-        while !shutdown.is_cancelled() {
-            match self.consume(&shutdown, &abort).await {
-                Ok(()) => backoff = Duration::from_millis(200),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "worker lost RabbitMQ; reconnecting");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => {}
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
+        queue::reconnecting("worker", &shutdown, || self.consume(&shutdown, &abort)).await;
         listener.abort();
     }
 
