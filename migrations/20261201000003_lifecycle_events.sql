@@ -16,8 +16,11 @@
 -- carries it as `seq`, so consumers can put one job's events in order and see gaps.
 ALTER TABLE tollgate.jobs ADD COLUMN event_seq integer NOT NULL DEFAULT 1;
 
--- One row per event, with the job's state right after the transition (never the prompt or the
--- output). No foreign key to the job: a `deleted` event outlives it.
+-- One row per event waiting to be published, with the job's state right after the transition
+-- (never the prompt or the output). The relay deletes a row once RabbitMQ confirmed its event:
+-- the table holds only what waits, so it stays small, needs no index but its key, and costs no
+-- second write per event to mark it sent. No foreign key to the job: a `deleted` event outlives
+-- it.
 CREATE TABLE tollgate.event_outbox (
     id                  bigserial   PRIMARY KEY,
     -- The event's id, unique per event: the consumers' dedup key.
@@ -41,11 +44,9 @@ CREATE TABLE tollgate.event_outbox (
     started_at          timestamptz,
     finished_at         timestamptz,
     occurred_at         timestamptz NOT NULL DEFAULT now(),
-    sent_at             timestamptz,
+    -- Publishes RabbitMQ did not confirm.
     publish_attempts    integer     NOT NULL DEFAULT 0
 );
-CREATE INDEX event_outbox_unsent ON tollgate.event_outbox (id) WHERE sent_at IS NULL;
-CREATE INDEX event_outbox_sent ON tollgate.event_outbox (sent_at) WHERE sent_at IS NOT NULL;
 
 -- A transition that makes an event: a new status, or a new attempt taking over a job whose worker
 -- is gone (`in_progress` to `in_progress`).
@@ -109,6 +110,6 @@ CREATE TRIGGER jobs_record_event_delete
 CREATE VIEW tollgate.event_backlog AS
 SELECT count(*) AS unsent,
        min(occurred_at) AS oldest,
-       coalesce(extract(epoch FROM now() - min(occurred_at)), 0)::float8 AS oldest_age_seconds
-  FROM tollgate.event_outbox
- WHERE sent_at IS NULL;
+       coalesce(extract(epoch FROM now() - min(occurred_at)), 0)::float8 AS oldest_age_seconds,
+       coalesce(max(publish_attempts), 0) AS most_publish_attempts
+  FROM tollgate.event_outbox;

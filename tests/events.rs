@@ -232,11 +232,26 @@ async fn wait_all_published(env: &TestEnv) {
         .await;
 }
 
-/// The record of every transition: `tollgate.event_outbox` in id order, as
+/// Keeps a copy of every event row the triggers write in `public.event_record` (the relay deletes
+/// `tollgate.event_outbox` rows once published): the test's record of every transition. Call it
+/// before the first job.
+async fn record_transitions(env: &TestEnv) {
+    for statement in [
+        "CREATE TABLE public.event_record AS SELECT * FROM tollgate.event_outbox WITH NO DATA",
+        "CREATE FUNCTION public.record_event() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO public.event_record SELECT NEW.*; RETURN NULL; END $$",
+        "CREATE TRIGGER record_event AFTER INSERT ON tollgate.event_outbox
+         FOR EACH ROW EXECUTE FUNCTION public.record_event()",
+    ] {
+        sqlx::query(statement).execute(&env.pool).await.unwrap();
+    }
+}
+
+/// The record of every transition ([`record_transitions`]) in the order written, as
 /// (event id, job id, status, seq, attempt).
 async fn outbox(env: &TestEnv) -> Vec<(String, String, String, i64, i64)> {
     let rows: Vec<(Uuid, Uuid, String, i32, i32)> = sqlx::query_as(
-        "SELECT event_id, job_id, status, seq, attempt FROM tollgate.event_outbox ORDER BY id",
+        "SELECT event_id, job_id, status, seq, attempt FROM public.event_record ORDER BY id",
     )
     .fetch_all(&env.pool)
     .await
@@ -393,6 +408,7 @@ async fn every_terminal_path_publishes_each_transition_in_order_and_a_refusal_no
         openai("strict", &upstream),
     ]))
     .await;
+    record_transitions(&env).await;
     let mut listener = Listener::bind(&env, "job.#").await;
     let key = env.key().await;
     let limited = env
@@ -558,7 +574,7 @@ async fn every_terminal_path_publishes_each_transition_in_order_and_a_refusal_no
     let queued = got.iter().filter(|r| r.3["status"] == "queued").count();
     assert_eq!(queued, 7);
     let admitted: i64 =
-        sqlx::query_scalar("SELECT count(DISTINCT job_id) FROM tollgate.event_outbox")
+        sqlx::query_scalar("SELECT count(DISTINCT job_id) FROM public.event_record")
             .fetch_one(&env.pool)
             .await
             .unwrap();
@@ -704,6 +720,7 @@ async fn kill_a_worker_mid_job(rescue: Rescue) -> (usize, usize) {
         config.server.sweep_interval_ms = 600_000;
     }
     let mut env = TestEnv::front_with(config.clone()).await;
+    record_transitions(&env).await;
     let mut listener = Listener::bind(&env, "job.#").await;
     let key = env.key().await;
     let mut child = WorkerProcess::start(&config);
@@ -748,16 +765,36 @@ async fn kill_a_worker_mid_job(rescue: Rescue) -> (usize, usize) {
         assert_eq!(env.poll_until_done(&key, id).await["status"], "completed");
     }
     wait_all_published(&env).await;
-    // One job's `in_progress` events lose their mark: the relay publishes them again, after the
-    // job's later events.
+    // One job's `in_progress` events come back to the outbox, as when the relay stopped between
+    // RabbitMQ's confirm and its delete: they are published again, after the job's later events.
+    // (The recorder is off meanwhile: they are copies, not new transitions.)
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("ALTER TABLE tollgate.event_outbox DISABLE TRIGGER record_event")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     let again: Vec<Uuid> = sqlx::query_scalar(
-        "UPDATE tollgate.event_outbox SET sent_at = NULL
-          WHERE job_id = $1 AND status = 'in_progress' RETURNING event_id",
+        "INSERT INTO tollgate.event_outbox
+             (event_id, job_id, key_id, model, status, seq, attempt, input_tokens, output_tokens,
+              usage_estimated, reserved_micro_usd, cost_micro_usd, charged_micro_usd, error,
+              incomplete_reason, job_created_at, started_at, finished_at, occurred_at)
+         SELECT event_id, job_id, key_id, model, status, seq, attempt, input_tokens,
+                output_tokens, usage_estimated, reserved_micro_usd, cost_micro_usd,
+                charged_micro_usd, error, incomplete_reason, job_created_at, started_at,
+                finished_at, occurred_at
+           FROM public.event_record
+          WHERE job_id = $1 AND status = 'in_progress' ORDER BY id
+         RETURNING event_id",
     )
     .bind(JobId::parse_public(killed[0]).unwrap())
-    .fetch_all(&env.pool)
+    .fetch_all(&mut *tx)
     .await
     .unwrap();
+    sqlx::query("ALTER TABLE tollgate.event_outbox ENABLE TRIGGER record_event")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
     assert_eq!(
         again.len(),
         2,

@@ -18,7 +18,8 @@
 //! transition (migration `20261201000003_lifecycle_events.sql`). An event outlives its job (the
 //! `deleted` event), and must be published promptly and in order, so its relay
 //! ([`run_event_relay`]) differs: every process runs one, one at a time publishes (an advisory
-//! lock), oldest first, with no grace period (nobody else publishes events).
+//! lock), oldest first, with no grace period (nobody else publishes events), and it deletes what
+//! RabbitMQ confirmed (the table holds only what waits).
 
 use std::{sync::Arc, time::Duration};
 
@@ -282,10 +283,12 @@ impl From<EventRow> for JobEvent {
     }
 }
 
-/// Publishes one batch of unsent events, oldest first, if no other relay is publishing events
-/// (else does nothing). Events RabbitMQ confirmed are marked sent; one it did not stays unsent
-/// and is published again on the next pass — after later events, if any were confirmed: so a
-/// consumer may see a job's event again, or late, and puts them in order by `seq`. With
+/// Publishes one batch of waiting events, oldest first, if no other relay is publishing events
+/// (else does nothing). Events RabbitMQ confirmed are deleted; one it did not stays (its
+/// `publish_attempts` counted) and is published again on the next pass — after later events, if
+/// any were confirmed: so a consumer may see a job's event again, or late, and puts them in order
+/// by `seq`. A confirm whose delete is lost (the process stopped first) publishes the event
+/// again as well. With
 /// `include_content`, terminal events carry the job's stored request and output text, as they
 /// are when the event is published. Returns how many were confirmed.
 pub async fn relay_events_once(
@@ -311,7 +314,6 @@ pub async fn relay_events_once(
            LEFT JOIN tollgate.jobs j
                   ON $2 AND j.id = e.job_id
                  AND e.status IN ('completed', 'failed', 'cancelled', 'incomplete')
-          WHERE e.sent_at IS NULL
           ORDER BY e.id LIMIT $1",
     )
     .bind(EVENT_BATCH)
@@ -324,20 +326,20 @@ pub async fn relay_events_once(
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     let events: Vec<JobEvent> = rows.into_iter().map(JobEvent::from).collect();
     let confirmed = publisher.publish_events(&events).await?;
-    let sent: Vec<i64> = ids
+    let (sent, unsent): (Vec<(i64, bool)>, Vec<(i64, bool)>) = ids
         .iter()
-        .zip(&confirmed)
-        .filter(|(_, ok)| **ok)
-        .map(|(id, _)| *id)
-        .collect();
+        .copied()
+        .zip(confirmed.iter().copied())
+        .partition(|(_, ok)| *ok);
+    let sent: Vec<i64> = sent.into_iter().map(|(id, _)| id).collect();
+    let unsent: Vec<i64> = unsent.into_iter().map(|(id, _)| id).collect();
     sqlx::query(
-        "UPDATE tollgate.event_outbox
-            SET sent_at = CASE WHEN id = ANY($2) THEN now() END,
-                publish_attempts = publish_attempts + 1
-          WHERE id = ANY($1)",
+        "WITH gone AS (DELETE FROM tollgate.event_outbox WHERE id = ANY($1))
+         UPDATE tollgate.event_outbox SET publish_attempts = publish_attempts + 1
+          WHERE id = ANY($2)",
     )
-    .bind(&ids)
     .bind(&sent)
+    .bind(&unsent)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

@@ -1,6 +1,6 @@
 //! Housekeeping: finished jobs are kept for `server.retention_days`, then removed in batches
 //! (their events and outbox rows go with them, and each gets its `deleted` lifecycle event);
-//! published outbox rows, published lifecycle events and rate windows are removed
+//! published outbox rows and rate windows are removed
 //! after a day (a window matters for its minute and for correcting the tokens of the jobs admitted
 //! in it), rejection counts and webhook deliveries after the retention.
 
@@ -24,13 +24,6 @@ const PURGES: &[(&str, Option<i32>, &str)] = &[
         Some(1),
         "DELETE FROM tollgate.outbox WHERE id IN (
              SELECT id FROM tollgate.outbox
-              WHERE sent_at < now() - make_interval(days => $1) LIMIT $2)",
-    ),
-    (
-        "event_outbox",
-        Some(1),
-        "DELETE FROM tollgate.event_outbox WHERE id IN (
-             SELECT id FROM tollgate.event_outbox
               WHERE sent_at < now() - make_interval(days => $1) LIMIT $2)",
     ),
     (
