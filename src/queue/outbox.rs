@@ -326,13 +326,11 @@ pub async fn relay_events_once(
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     let events: Vec<JobEvent> = rows.into_iter().map(JobEvent::from).collect();
     let confirmed = publisher.publish_events(&events).await?;
-    let (sent, unsent): (Vec<(i64, bool)>, Vec<(i64, bool)>) = ids
-        .iter()
-        .copied()
-        .zip(confirmed.iter().copied())
-        .partition(|(_, ok)| *ok);
-    let sent: Vec<i64> = sent.into_iter().map(|(id, _)| id).collect();
-    let unsent: Vec<i64> = unsent.into_iter().map(|(id, _)| id).collect();
+    let mut sent = Vec::with_capacity(ids.len());
+    let mut unsent = Vec::new();
+    for (id, ok) in ids.iter().zip(&confirmed) {
+        if *ok { &mut sent } else { &mut unsent }.push(*id);
+    }
     sqlx::query(
         "WITH gone AS (DELETE FROM tollgate.event_outbox WHERE id = ANY($1))
          UPDATE tollgate.event_outbox SET publish_attempts = publish_attempts + 1
