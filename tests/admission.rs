@@ -335,8 +335,9 @@ async fn published_rows_are_marked_sent_and_the_relay_publishes_none_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_key_does_not_take_every_pooled_connection() {
     let mut config = common::isolated_config(vec![ModelConfig::mock("mock-1")]);
-    // One connection is the front's LISTEN; the relay and the sweeper use one now and then.
-    config.database.max_connections = 6;
+    // One connection is the front's LISTEN; the outbox relay, the event relay (every 100 ms) and
+    // the sweeper use one now and then.
+    config.database.max_connections = 7;
     let env = Arc::new(TestEnv::front_with(config).await);
     let busy = env.key().await;
     let other = env.key().await;
