@@ -7,17 +7,15 @@ mod common;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
-    process::Stdio,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
+    sync::Arc,
     time::Duration,
 };
 
 use chrono::{DateTime, Utc};
 use common::{
     isolated_config,
+    process::WorkerProcess,
+    proxy::Proxy,
     upstream::{FakeUpstream, Script},
     TestEnv,
 };
@@ -29,13 +27,9 @@ use lapin::{
 };
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::{
-    net::{TcpListener, TcpStream},
-    task::AbortHandle,
-};
 use tokio_util::sync::CancellationToken;
 use tollgate::{
-    config::{Config, ModelConfig, ProviderKind},
+    config::{ModelConfig, ProviderKind},
     ids::JobId,
     queue::events::JobEvent,
     run,
@@ -642,42 +636,6 @@ async fn every_terminal_path_publishes_each_transition_in_order_and_a_refusal_no
     drop(listener);
 }
 
-/// `tollgate worker` as a real child process, with the test's configuration in a file of its own.
-struct WorkerProcess {
-    process: tokio::process::Child,
-    dir: std::path::PathBuf,
-}
-
-impl WorkerProcess {
-    fn start(config: &Config) -> Self {
-        let dir = std::env::temp_dir().join(format!("tollgate-{}", Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config_path = dir.join("tollgate.toml");
-        std::fs::write(&config_path, toml::to_string(config).unwrap()).unwrap();
-        let logs = std::env::var_os("TEST_LOG").is_some();
-        let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .arg("worker")
-            .arg("--config")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(if logs {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .kill_on_drop(true)
-            .spawn()
-            .expect("worker process starts");
-        Self { process, dir }
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// A worker process killed (SIGKILL) while jobs stream: after dedup by event id, each job's
 /// events are exactly its transitions as recorded, numbered 1..n without a gap, and they say
 /// what happened — the killed attempt started, the job put back by the sweeper, a second
@@ -900,69 +858,6 @@ async fn kill_a_worker_mid_job(rescue: Rescue) -> (usize, usize) {
     );
     drop(listener);
     (put_back, taken_over)
-}
-
-/// A TCP proxy to one address that the test can cut (new connections are closed at once and
-/// open ones are dropped) and restore.
-struct Proxy {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    open: Arc<Mutex<Vec<AbortHandle>>>,
-    accept: AbortHandle,
-}
-
-impl Proxy {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let up = Arc::new(AtomicBool::new(true));
-        let open: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let accept = tokio::spawn({
-            let (up, open) = (up.clone(), open.clone());
-            async move {
-                loop {
-                    let Ok((mut client, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    if !up.load(Ordering::SeqCst) {
-                        drop(client);
-                        continue;
-                    }
-                    let pipe = tokio::spawn(async move {
-                        if let Ok(mut server) = TcpStream::connect(target).await {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                        }
-                    });
-                    open.lock().unwrap().push(pipe.abort_handle());
-                }
-            }
-        })
-        .abort_handle();
-        Self {
-            addr,
-            up,
-            open,
-            accept,
-        }
-    }
-
-    fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        for pipe in self.open.lock().unwrap().drain(..) {
-            pipe.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.cut();
-        self.accept.abort();
-    }
 }
 
 /// RabbitMQ out of reach of the only process (its connections cut by a proxy): transitions go on

@@ -9,12 +9,13 @@ use sqlx::Connection as _;
 
 use common::{
     fault_config,
+    process::WorkerProcess,
     upstream::{FakeUpstream, Script},
     TestEnv,
 };
 use reqwest::StatusCode;
 use tollgate::{
-    config::{Config, ModelConfig, ProviderKind},
+    config::{ModelConfig, ProviderKind},
     queue::{outbox, PublishError, Publisher},
 };
 
@@ -37,42 +38,6 @@ async fn jobs(env: &TestEnv) -> Vec<JobState> {
     .fetch_all(&env.pool)
     .await
     .unwrap()
-}
-
-/// `tollgate worker` as a real child process, with the test's configuration in a file of its own.
-struct WorkerProcess {
-    process: tokio::process::Child,
-    dir: std::path::PathBuf,
-}
-
-impl WorkerProcess {
-    fn start(config: &Config) -> Self {
-        let dir = std::env::temp_dir().join(format!("tollgate-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config_path = dir.join("tollgate.toml");
-        std::fs::write(&config_path, toml::to_string(config).unwrap()).unwrap();
-        let logs = std::env::var_os("TEST_LOG").is_some();
-        let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .arg("worker")
-            .arg("--config")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(if logs {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .kill_on_drop(true)
-            .spawn()
-            .expect("worker process starts");
-        Self { process, dir }
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// Counters summed over all keys: (in_flight, reserved, spent).

@@ -10,15 +10,13 @@ mod common;
 
 use std::{
     net::SocketAddr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use common::{
     fault_config,
+    proxy::Proxy,
     upstream::{FakeUpstream, Script},
     TestEnv,
 };
@@ -28,79 +26,12 @@ use lapin::{
     Connection, ConnectionProperties,
 };
 use reqwest::StatusCode;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    task::AbortHandle,
-};
 use tokio_util::sync::CancellationToken;
 use tollgate::{
     config::{Config, ModelConfig, ProviderKind},
     queue::Publisher,
     run, store,
 };
-
-/// A TCP proxy to one address that the test can cut (new connections are closed at once and
-/// open ones are dropped) and restore.
-struct Proxy {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    open: Arc<Mutex<Vec<AbortHandle>>>,
-    accept: AbortHandle,
-}
-
-impl Proxy {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let up = Arc::new(AtomicBool::new(true));
-        let open: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let accept = tokio::spawn({
-            let (up, open) = (up.clone(), open.clone());
-            async move {
-                loop {
-                    let Ok((mut client, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    if !up.load(Ordering::SeqCst) {
-                        drop(client);
-                        continue;
-                    }
-                    let pipe = tokio::spawn(async move {
-                        if let Ok(mut server) = TcpStream::connect(target).await {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                        }
-                    });
-                    open.lock().unwrap().push(pipe.abort_handle());
-                }
-            }
-        })
-        .abort_handle();
-        Self {
-            addr,
-            up,
-            open,
-            accept,
-        }
-    }
-
-    fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        for pipe in self.open.lock().unwrap().drain(..) {
-            pipe.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.cut();
-        self.accept.abort();
-    }
-}
 
 /// A worker of its own (not the env's), with its own configuration and database pool.
 struct OwnWorker {

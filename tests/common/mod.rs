@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod process;
+pub mod proxy;
 pub mod sdk;
 pub mod upstream;
 
