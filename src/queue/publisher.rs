@@ -132,6 +132,9 @@ impl Publisher {
     /// failure (nobody listens for it).
     pub async fn publish_events(&self, events: &[JobEvent]) -> Result<Vec<bool>, PublishError> {
         let channel = self.channel().await?;
+        // One deadline for sending and confirming: a broker that blocks publishers (a resource
+        // alarm) must not hold the relay's transaction open.
+        let deadline = tokio::time::Instant::now() + self.timeout();
         let mut confirms = Vec::with_capacity(events.len());
         for event in events {
             let body = serde_json::to_vec(event).expect("an event serialises");
@@ -141,19 +144,19 @@ impl Publisher {
                 .with_message_id(event.id.as_str().into())
                 .with_type(event.kind.as_str().into())
                 .with_timestamp(event.occurred_at.timestamp().max(0) as u64);
+            let sent = channel.basic_publish(
+                self.config.events.exchange.as_str().into(),
+                event.routing_key().into(),
+                BasicPublishOptions::default(),
+                &body,
+                properties,
+            );
             confirms.push(
-                channel
-                    .basic_publish(
-                        self.config.events.exchange.as_str().into(),
-                        event.routing_key().into(),
-                        BasicPublishOptions::default(),
-                        &body,
-                        properties,
-                    )
-                    .await?,
+                tokio::time::timeout_at(deadline, sent)
+                    .await
+                    .map_err(|_| PublishError::Timeout)??,
             );
         }
-        let deadline = tokio::time::Instant::now() + self.timeout();
         let mut confirmed = Vec::with_capacity(confirms.len());
         for confirm in confirms {
             confirmed.push(matches!(
