@@ -249,3 +249,59 @@ pub fn error_of(sent: &Sent) -> Option<String> {
         Err(e) => Some(e.clone()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(status: &str) -> JobEvent {
+        serde_json::from_value(json!({
+            "v": 1, "id": "evt_0123456789abcdef0123456789abcdef", "type": format!("job.{status}"),
+            "job_id": "resp_019ad8f2c4e07b21a1f0c3d5e7f90123",
+            "key_id": "019ad8f1-0b2c-7d3e-8f40-5a6b7c8d9e0f", "model": "mock-1",
+            "status": status, "seq": 3, "attempt": 1, "input_tokens": null,
+            "output_tokens": null, "usage_estimated": null, "reserved_micro_usd": 0,
+            "cost_micro_usd": null, "charged_micro_usd": null, "error": null,
+            "incomplete_reason": null, "created_at": "2026-12-01T05:31:02.114208Z",
+            "started_at": null, "finished_at": null,
+            "occurred_at": "2026-12-01T05:31:02.362950Z"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn each_ending_has_its_openai_type_and_nothing_else_has_one() {
+        let ends = ["completed", "failed", "cancelled", "incomplete"];
+        let types: Vec<_> = ends.iter().map(|s| webhook_type(s)).collect();
+        assert_eq!(types, EVENT_TYPES.map(Some));
+        for status in ["queued", "in_progress", "deleted", ""] {
+            assert_eq!(webhook_type(status), None, "{status}");
+        }
+    }
+
+    #[test]
+    fn the_payload_has_openai_s_shape() {
+        let body: serde_json::Value =
+            serde_json::from_str(&payload(&event("incomplete"), "response.incomplete")).unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "id": "evt_0123456789abcdef0123456789abcdef",
+                "object": "event",
+                "type": "response.incomplete",
+                "created_at": 1_796_103_062,
+                "data": {"id": "resp_019ad8f2c4e07b21a1f0c3d5e7f90123"},
+            })
+        );
+    }
+
+    #[test]
+    fn endpoints_ask_for_known_types_only() {
+        assert_eq!(check_types(None).unwrap(), None);
+        assert_eq!(check_types(Some(&[])).unwrap(), None);
+        let failed = vec!["response.failed".to_string()];
+        assert_eq!(check_types(Some(&failed)).unwrap(), Some(failed));
+        let err = check_types(Some(&["response.done".into()])).unwrap_err();
+        assert!(err.to_string().contains("response.done"), "{err}");
+    }
+}
