@@ -22,12 +22,16 @@
 //!   exchange; a delivery abandoned after its last retry is published to the quorum queue
 //!   `<queue>.dead`.
 //!
+//! The topology is data ([`topology::steps`]): what is declared, in order, and the definitions
+//! file `deploy/rabbitmq-definitions.json` (a test checks that it is the default topology).
+//!
 //! No argument depends on a setting, so settings can change between restarts (see
 //! [`declare_topology`]).
 
 pub mod events;
 pub mod outbox;
 mod publisher;
+pub mod topology;
 
 pub use publisher::{publish_on, publish_raw, Envelope, PublishError, Publisher};
 
@@ -40,10 +44,8 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    config::{Config, BROKER_DELIVERY_LIMIT},
-    ids::JobId,
-};
+use crate::{config::Config, ids::JobId};
+use topology::{Arg, Step};
 
 /// Routing key of job messages on the jobs exchange.
 pub const ROUTING_KEY: &str = "jobs";
@@ -91,106 +93,45 @@ impl JobMessage {
 /// all the same (declared by an earlier version, or by an operator) is kept as it is, with a
 /// warning saying what differs: the process starts.
 pub async fn declare_topology(conn: &Connection, full: &Config) -> Result<(), lapin::Error> {
-    let config = &full.amqp;
     let mut channel = conn.create_channel().await?;
     let durable_exchange = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    let quorum = |extra: &[(&str, AMQPValue)]| {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        for (k, v) in extra {
-            args.insert((*k).into(), v.clone());
+    for step in topology::steps(full) {
+        match step {
+            Step::Exchange { name, kind } => {
+                let kind = match kind {
+                    "fanout" => ExchangeKind::Fanout,
+                    "topic" => ExchangeKind::Topic,
+                    _ => ExchangeKind::Direct,
+                };
+                channel
+                    .exchange_declare(
+                        name.as_str().into(),
+                        kind,
+                        durable_exchange,
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+            Step::Queue { name, args } => {
+                let mut table = FieldTable::default();
+                for (key, value) in args {
+                    let value = match value {
+                        Arg::Text(text) => AMQPValue::LongString(text.as_str().into()),
+                        Arg::Int(n) => AMQPValue::LongInt(n as i32),
+                    };
+                    table.insert(key.into(), value);
+                }
+                declare_queue(conn, &mut channel, &name, table).await?;
+            }
+            Step::Bind {
+                queue,
+                exchange,
+                routing_key,
+            } => bind(&channel, &queue, &exchange, &routing_key).await?,
         }
-        args
-    };
-
-    // Events first: a process that sees the jobs queue can count on the rest.
-    channel
-        .exchange_declare(
-            full.events.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await?;
-    if full.webhooks.enabled {
-        let hooks = &full.webhooks;
-        declare_queue(conn, &mut channel, &hooks.queue, quorum(&[])).await?;
-        for key in WEBHOOK_BINDINGS {
-            bind(&channel, &hooks.queue, &full.events.exchange, key).await?;
-        }
-        declare_queue(conn, &mut channel, &hooks.dead_letter_queue(), quorum(&[])).await?;
-        for name in hooks.delay_queues() {
-            let mut args = FieldTable::default();
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString("".into()),
-            );
-            args.insert(
-                "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(hooks.queue.as_str().into()),
-            );
-            declare_queue(conn, &mut channel, &name, args).await?;
-        }
-    }
-    channel
-        .exchange_declare(
-            config.dead_letter_exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await?;
-    declare_queue(conn, &mut channel, &config.dead_letter_queue, quorum(&[])).await?;
-    bind(
-        &channel,
-        &config.dead_letter_queue,
-        &config.dead_letter_exchange,
-        "",
-    )
-    .await?;
-
-    channel
-        .exchange_declare(
-            config.exchange.as_str().into(),
-            ExchangeKind::Direct,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await?;
-    let jobs_args = quorum(&[
-        (
-            "x-dead-letter-exchange",
-            AMQPValue::LongString(config.dead_letter_exchange.as_str().into()),
-        ),
-        (
-            "x-delivery-limit",
-            AMQPValue::LongInt(BROKER_DELIVERY_LIMIT as i32),
-        ),
-    ]);
-    declare_queue(conn, &mut channel, &config.queue, jobs_args).await?;
-    bind(&channel, &config.queue, &config.exchange, ROUTING_KEY).await?;
-
-    // Delay queues: a message waits for its own expiration, then dead-letters back to the jobs
-    // exchange. Classic queues expire messages at their head only, so each queue holds waits of
-    // one kind (a retry level, Retry-After, a database outage) that end in about the order they
-    // began.
-    for name in config.delay_queues(full.worker.max_attempts) {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(config.exchange.as_str().into()),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(ROUTING_KEY.into()),
-        );
-        declare_queue(conn, &mut channel, &name, args).await?;
     }
     let _ = channel.close(200, "topology declared".into()).await;
     Ok(())
