@@ -7,11 +7,9 @@
 -- One statement ending many jobs takes many rows' locks, so it takes them in the one order every
 -- other transaction follows — the job rows, then the keys' counter rows, then the models'
 -- windows — and, within each, sorted: a finish or cancel of one job locks its row, then (by the
--- trigger) its key's row, then its model's window; an admission batch locks its keys' rows,
--- sorted, then the models' windows by name. Two batches, or a batch and any of those, never wait for each
--- other in a cycle. (The rows of every given job are locked, finished or not: a condition on the
--- status would lead the planner to the index of unfinished jobs, thousands under load, instead
--- of the primary key.)
+-- trigger) its key's row, then its model's window; an admission batch locks its key's row, then
+-- the models' windows by name. Two batches, or a batch and any of those, never wait for each
+-- other in a cycle.
 CREATE FUNCTION tollgate.finish_batch(
     p_ids                uuid[],
     p_attempts           integer[],
@@ -27,16 +25,14 @@ CREATE FUNCTION tollgate.finish_batch(
 BEGIN
     PERFORM 1 FROM tollgate.jobs j WHERE j.id = ANY(p_ids) ORDER BY j.id FOR UPDATE;
     PERFORM 1 FROM tollgate.key_counters c
-      JOIN (SELECT DISTINCT j.key_id, j.counter_slot FROM tollgate.jobs j
-             WHERE j.id = ANY(p_ids)) k
-        ON c.key_id = k.key_id AND c.slot = k.counter_slot
-     ORDER BY c.key_id, c.slot FOR UPDATE OF c;
+     WHERE (c.key_id, c.slot) IN (SELECT j.key_id, j.counter_slot FROM tollgate.jobs j
+                                   WHERE j.id = ANY(p_ids) AND j.status = 'in_progress')
+     ORDER BY c.key_id, c.slot FOR UPDATE;
     PERFORM 1 FROM tollgate.model_rate_windows w
-      JOIN (SELECT DISTINCT j.model, date_trunc('minute', j.created_at) AS window_start
-              FROM tollgate.jobs j
-             WHERE j.id = ANY(p_ids)) m
-        ON w.model = m.model AND w.window_start = m.window_start
-     ORDER BY w.model, w.window_start FOR UPDATE OF w;
+     WHERE (w.model, w.window_start) IN (SELECT j.model, date_trunc('minute', j.created_at)
+                                           FROM tollgate.jobs j
+                                          WHERE j.id = ANY(p_ids) AND j.status = 'in_progress')
+     ORDER BY w.model, w.window_start FOR UPDATE;
     RETURN QUERY
         UPDATE tollgate.jobs j
            SET status = f.status, input_tokens = f.input_tokens, output_tokens = f.output_tokens,

@@ -6,9 +6,8 @@
 //! - **Mixed batches.** A request first joins one of the front's [`MIXED_RUNNERS`] queues (by its
 //!   key, so a key's requests always meet in the same one, and two mixed batches never hold the
 //!   same key); the queue's runner takes everything queued (at most `server.admission_batch`),
-//!   orders it by model, and decides it in ONE
-//!   statement, `tollgate.admit_many` (migration `20261201000001_admit_many.sql`), which locks the
-//!   batch's keys with `SKIP LOCKED` and runs `tollgate.admit` for each request in order, in one
+//!   orders it by model, and decides it in ONE statement, `tollgate.admit_many` (migration
+//!   `20261201000003_admit_many_and_finish_by_key.sql`), which locks the batch's keys with `SKIP LOCKED` and runs `tollgate.admit` for each request in order, in one
 //!   transaction. A mixed batch never waits for a key's row: the requests of a key some other
 //!   transaction holds (another batch, a finishing job, an operator) answer `busy`, nothing is
 //!   counted for them, and they go on to their key's queue. So at most [`MIXED_RUNNERS`] mixed

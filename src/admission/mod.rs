@@ -4,8 +4,8 @@
 //! the allow-list, estimate the input tokens and run the guardrails (a webhook may take a while; no
 //! lock is held meanwhile). Then the request joins the next batch (`batches.rs`): ONE statement
 //! on an autocommit connection decides every request of the batch in one transaction,
-//! `tollgate.admit_many` (migration `20261201000001_admit_many.sql`), which locks the batch's keys
-//! and calls, for each request in order, `tollgate.admit(…)`, a PL/pgSQL function (migration
+//! `tollgate.admit_many` (migration `20261201000003_admit_many_and_finish_by_key.sql`), which
+//! locks the batch's keys and calls, for each request in order, `tollgate.admit(…)`, a PL/pgSQL function (migration
 //! `20261130000001_admit_in_one_statement.sql`) that
 //!
 //! 1. locks the key's counter row (`FOR UPDATE`), re-checking that the key is live — this

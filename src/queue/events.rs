@@ -2,7 +2,7 @@
 //! notifications, and its own webhooks), documented in the README's "Lifecycle events".
 //!
 //! Each transition of a job is written as a row of `tollgate.event_outbox` by a trigger, in the
-//! transaction that makes it (migration `20261201000003_lifecycle_events.sql`); the event relay
+//! transaction that makes it (migration `20261201000004_lifecycle_events.sql`); the event relay
 //! (`queue/outbox.rs`, [`super::outbox::run_event_relay`]) publishes the rows, in order, to the
 //! topic exchange `events.exchange` as [`JobEvent`] bodies with routing key
 //! `job.<status>.<model>`.

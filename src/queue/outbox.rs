@@ -15,7 +15,7 @@
 //!
 //! Lifecycle events (`queue/events.rs`) have an outbox of their own, `tollgate.event_outbox`,
 //! beside this one, written by a trigger on `tollgate.jobs` in the transaction of each
-//! transition (migration `20261201000003_lifecycle_events.sql`). An event outlives its job (the
+//! transition (migration `20261201000004_lifecycle_events.sql`). An event outlives its job (the
 //! `deleted` event), and must be published promptly and in order, so its relay
 //! ([`run_event_relay`]) differs: every process runs one, one at a time publishes (an advisory
 //! lock), oldest first, with no grace period (nobody else publishes events), and it deletes what

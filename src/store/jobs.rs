@@ -313,8 +313,9 @@ pub struct Finish<'a> {
 }
 
 /// [`finish`] for many attempts in one statement (the worker's group commit),
-/// `tollgate.finish_batch` (migration `20261201000002_finish_in_batches.sql`), which takes its
-/// locks in the order every other transaction takes them. One answer per attempt, in order.
+/// `tollgate.finish_batch` (migrations `20261201000002_finish_in_batches.sql` and
+/// `20261201000003_admit_many_and_finish_by_key.sql`), which takes its locks in the order every
+/// other transaction takes them. One answer per attempt, in order.
 pub async fn finish_many(pool: &PgPool, finishes: &[Finish<'_>]) -> Result<Vec<bool>, sqlx::Error> {
     debug_assert!(finishes.iter().all(|f| f.outcome.status.is_terminal()));
     use super::column;

@@ -13,8 +13,8 @@
 //!
 //! **Taking** happens in one place: `tollgate.admit` (migration
 //! `20261130000001_admit_in_one_statement.sql`), called for each request of a batch by
-//! `tollgate.admit_many` (`20261201000001_admit_many.sql`; the front's batching is
-//! `admission/batches.rs`). Under the key's row lock it counts the windows, rolls the budget
+//! `tollgate.admit_many` (`20261201000003_admit_many_and_finish_by_key.sql`; the front's
+//! batching is `admission/batches.rs`). Under the key's row lock it counts the windows, rolls the budget
 //! period over, checks every limit, then takes the slot and the reservation and inserts the job.
 //! A rejection is undone by the function's own exception block: nothing is taken.
 //!

@@ -1,5 +1,5 @@
 //! Webhook endpoints and the record of their deliveries (migration
-//! `20261201000004_webhooks.sql`). The delivering itself is `webhooks/`.
+//! `20261201000005_webhooks.sql`). The delivering itself is `webhooks/`.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;

@@ -1,3 +1,22 @@
+-- Admission batches across keys, and the finish batch's locks taken by primary key.
+--
+-- 1. `tollgate.admit_many` replaces `tollgate.admit_batch` (20261201000001), whose batches held
+--    one key each: a batch now holds the waiting requests of many keys, and locks their counter
+--    rows first, sorted.
+-- 2. `tollgate.finish_batch` (20261201000002) locks the counter rows and model windows of every
+--    given job, finished or not: its condition on the status had led the planner to the index of
+--    unfinished jobs, thousands under load, instead of the primary key (4.1 ms a batch instead of
+--    1.9).
+--
+-- Lock order, which every transaction follows (see src/store/ledger.rs): job rows, then the keys'
+-- counter rows, sorted, then the models' windows, sorted. A finish or cancel of one job locks its
+-- row, then (by trigger) its key's row, then its model's window; an admission batch locks its
+-- keys' rows, sorted, then the models' windows by name. No two transactions wait for each other
+-- in a cycle.
+
+DROP FUNCTION tollgate.admit_batch(uuid, bigint[], bigint[], text[], bigint[], bigint[], text[],
+                                   bytea[], uuid[], jsonb[], jsonb[], uuid[], jsonb[]);
+
 -- Admissions grouped in one statement: `tollgate.admit_many` runs `tollgate.admit` for each
 -- request of a batch, in order, in one transaction — one commit for the whole batch instead of one
 -- each. Each request is still decided exactly as alone: `tollgate.admit` locks its key's counter
@@ -77,5 +96,48 @@ BEGIN
                        NULL::timestamptz, NULL::bigint, NULL::timestamptz, NULL::bigint;
         END IF;
     END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION tollgate.finish_batch(
+    p_ids                uuid[],
+    p_attempts           integer[],
+    p_statuses           tollgate.job_status[],
+    p_input_tokens       integer[],
+    p_output_tokens      integer[],
+    p_costs              bigint[],
+    p_errors             jsonb[],
+    p_usage_estimated    boolean[],
+    p_incomplete_reasons text[],
+    p_reasoning_tokens   integer[]
+) RETURNS SETOF uuid LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM 1 FROM tollgate.jobs j WHERE j.id = ANY(p_ids) ORDER BY j.id FOR UPDATE;
+    PERFORM 1 FROM tollgate.key_counters c
+      JOIN (SELECT DISTINCT j.key_id, j.counter_slot FROM tollgate.jobs j
+             WHERE j.id = ANY(p_ids)) k
+        ON c.key_id = k.key_id AND c.slot = k.counter_slot
+     ORDER BY c.key_id, c.slot FOR UPDATE OF c;
+    PERFORM 1 FROM tollgate.model_rate_windows w
+      JOIN (SELECT DISTINCT j.model, date_trunc('minute', j.created_at) AS window_start
+              FROM tollgate.jobs j
+             WHERE j.id = ANY(p_ids)) m
+        ON w.model = m.model AND w.window_start = m.window_start
+     ORDER BY w.model, w.window_start FOR UPDATE OF w;
+    RETURN QUERY
+        UPDATE tollgate.jobs j
+           SET status = f.status, input_tokens = f.input_tokens, output_tokens = f.output_tokens,
+               cost_micro_usd = coalesce(j.cost_micro_usd, 0) + f.cost,
+               usage_estimated = f.usage_estimated, incomplete_reason = f.incomplete_reason,
+               reasoning_tokens = f.reasoning_tokens, settled_attempt = j.attempt,
+               error = f.error, finished_at = now(), updated_at = now(), lease_until = NULL,
+               output_text = tollgate.generated(j.id, j.attempt, 't'),
+               output_arguments = tollgate.generated(j.id, j.attempt, 'a')
+          FROM unnest(p_ids, p_attempts, p_statuses, p_input_tokens, p_output_tokens, p_costs,
+                      p_errors, p_usage_estimated, p_incomplete_reasons, p_reasoning_tokens)
+               AS f(id, attempt, status, input_tokens, output_tokens, cost, error,
+                    usage_estimated, incomplete_reason, reasoning_tokens)
+         WHERE j.id = f.id AND j.attempt = f.attempt AND j.status = 'in_progress'
+        RETURNING j.id;
 END
 $$;
