@@ -21,9 +21,9 @@ use common::{
 };
 use futures::StreamExt;
 use lapin::{
-    options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+    options::{BasicAckOptions, BasicConsumeOptions},
     types::FieldTable,
-    Connection, ConnectionProperties, Consumer,
+    Connection, Consumer,
 };
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -49,33 +49,8 @@ struct Listener {
 
 impl Listener {
     async fn bind(env: &TestEnv, binding: &str) -> Self {
-        let conn = Connection::connect(&common::amqp_url(), ConnectionProperties::default())
-            .await
-            .unwrap();
-        let channel = conn.create_channel().await.unwrap();
         let queue = format!("{}.listener-{}", env.config.events.exchange, Uuid::new_v4());
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                env.config.events.exchange.as_str().into(),
-                binding.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let (conn, channel) = common::own_queue(&queue, &env.config.events.exchange, binding).await;
         let consumer = channel
             .basic_consume(
                 queue.as_str().into(),

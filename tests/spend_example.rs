@@ -16,8 +16,7 @@ use common::{
     TestEnv,
 };
 use lapin::{
-    options::{BasicGetOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
+    options::{BasicGetOptions, BasicPublishOptions},
     Connection, ConnectionProperties,
 };
 use reqwest::StatusCode;
@@ -152,31 +151,8 @@ async fn the_example_keeps_the_spend_of_the_view_and_counts_a_redelivery_once() 
         }),
     );
     // A tap of the test's own, to copy one event from.
-    let tap_conn = Connection::connect(&common::amqp_url(), ConnectionProperties::default())
-        .await
-        .unwrap();
-    let tap = tap_conn.create_channel().await.unwrap();
     let tap_queue = format!("{exchange}.tap");
-    tap.queue_declare(
-        tap_queue.as_str().into(),
-        QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    tap.queue_bind(
-        tap_queue.as_str().into(),
-        exchange.as_str().into(),
-        "job.completed.large".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    let (tap_conn, tap) = common::own_queue(&tap_queue, &exchange, "job.completed.large").await;
 
     let new_key = |name: &str| NewKey {
         name: name.into(),

@@ -38,7 +38,7 @@ pub use publisher::{publish_on, publish_raw, Envelope, PublishError, Publisher};
 use lapin::{
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
-    Channel, Connection, ExchangeKind,
+    Channel, Connection,
 };
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -101,11 +101,6 @@ pub async fn declare_topology(conn: &Connection, full: &Config) -> Result<(), la
     for step in topology::steps(full) {
         match step {
             Step::Exchange { name, kind } => {
-                let kind = match kind {
-                    "fanout" => ExchangeKind::Fanout,
-                    "topic" => ExchangeKind::Topic,
-                    _ => ExchangeKind::Direct,
-                };
                 channel
                     .exchange_declare(
                         name.as_str().into(),

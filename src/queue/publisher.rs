@@ -138,11 +138,7 @@ impl Publisher {
         let mut confirms = Vec::with_capacity(events.len());
         for event in events {
             let body = serde_json::to_vec(event).expect("an event serialises");
-            let properties = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id(event.id.as_str().into())
-                .with_type(event.kind.as_str().into())
+            let properties = persistent_json(&event.id, &event.kind)
                 .with_timestamp(event.occurred_at.timestamp().max(0) as u64);
             let sent = channel.basic_publish(
                 self.config.events.exchange.as_str().into(),
@@ -221,11 +217,7 @@ pub async fn publish_raw(
     envelope: Envelope<'_>,
     timeout: Duration,
 ) -> Result<(), PublishError> {
-    let mut properties = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-        .with_message_id(message_id.into())
-        .with_type("tollgate.job".into());
+    let mut properties = persistent_json(message_id, "tollgate.job");
     if let Some(ms) = envelope.expiration_ms {
         properties = properties.with_expiration(ms.to_string().into());
     }
@@ -257,4 +249,13 @@ pub async fn publish_raw(
         return Err(PublishError::Unroutable(returned.reply_text.to_string()));
     }
     Ok(())
+}
+
+/// The properties every tollgate message carries: persistent, JSON, its id and its type.
+fn persistent_json(message_id: &str, kind: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(message_id.into())
+        .with_type(kind.into())
 }

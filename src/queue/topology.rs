@@ -2,6 +2,7 @@
 //! the same topology as a RabbitMQ definitions file (`deploy/rabbitmq-definitions.json` is it for
 //! the default configuration, and a test holds the two together).
 
+use lapin::ExchangeKind;
 use serde_json::{json, Value};
 
 use super::{ROUTING_KEY, WEBHOOK_BINDINGS};
@@ -17,8 +18,8 @@ pub enum Arg {
 /// One declaration.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
-    /// A durable exchange of `kind` (`direct`, `fanout`, `topic`).
-    Exchange { name: String, kind: &'static str },
+    /// A durable exchange.
+    Exchange { name: String, kind: ExchangeKind },
     /// A durable queue with these arguments.
     Queue {
         name: String,
@@ -45,7 +46,7 @@ pub fn steps(full: &Config) -> Vec<Step> {
     };
     let mut steps = vec![Step::Exchange {
         name: full.events.exchange.clone(),
-        kind: "topic",
+        kind: ExchangeKind::Topic,
     }];
     if full.webhooks.enabled {
         let hooks = &full.webhooks;
@@ -75,7 +76,7 @@ pub fn steps(full: &Config) -> Vec<Step> {
     steps.extend([
         Step::Exchange {
             name: amqp.dead_letter_exchange.clone(),
-            kind: "fanout",
+            kind: ExchangeKind::Fanout,
         },
         Step::Queue {
             name: amqp.dead_letter_queue.clone(),
@@ -84,7 +85,7 @@ pub fn steps(full: &Config) -> Vec<Step> {
         bind(&amqp.dead_letter_queue, &amqp.dead_letter_exchange, ""),
         Step::Exchange {
             name: amqp.exchange.clone(),
-            kind: "direct",
+            kind: ExchangeKind::Direct,
         },
         Step::Queue {
             name: amqp.queue.clone(),
@@ -121,7 +122,7 @@ pub fn definitions(full: &Config) -> Value {
     for step in steps(full) {
         match step {
             Step::Exchange { name, kind } => exchanges.push(json!({
-                "name": name, "vhost": "/", "type": kind, "durable": true,
+                "name": name, "vhost": "/", "type": kind_name(&kind), "durable": true,
                 "auto_delete": false, "internal": false, "arguments": {},
             })),
             Step::Queue { name, args } => {
@@ -157,6 +158,17 @@ pub fn definitions(full: &Config) -> Value {
         "queues": queues,
         "bindings": bindings,
     })
+}
+
+/// An exchange type as RabbitMQ names it.
+fn kind_name(kind: &ExchangeKind) -> &str {
+    match kind {
+        ExchangeKind::Custom(name) => name,
+        ExchangeKind::Direct => "direct",
+        ExchangeKind::Fanout => "fanout",
+        ExchangeKind::Headers => "headers",
+        ExchangeKind::Topic => "topic",
+    }
 }
 
 #[cfg(test)]

@@ -63,12 +63,34 @@ struct Retry {
     payload: String,
 }
 
-/// What the webhooks queue delivers.
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// What the webhooks queue delivers, told apart by routing key: a retry comes back from its
+/// delay queue with the webhooks queue's name, an event keeps its own (`job.<status>.<model>`).
 enum Incoming {
     Retry(Retry),
     Event(Box<JobEvent>),
+}
+
+impl Incoming {
+    /// Reads a message; the error says why it cannot be handled (it is then dead-lettered).
+    fn read(routing_key: &str, webhooks_queue: &str, body: &[u8]) -> Result<Self, String> {
+        if routing_key != webhooks_queue {
+            let event: JobEvent =
+                serde_json::from_slice(body).map_err(|e| format!("not a lifecycle event: {e}"))?;
+            if event.v != EVENT_VERSION {
+                return Err(format!("lifecycle event of unknown version {}", event.v));
+            }
+            return Ok(Self::Event(Box::new(event)));
+        }
+        let retry: Retry =
+            serde_json::from_slice(body).map_err(|e| format!("not a webhook retry: {e}"))?;
+        if retry.v != RETRY_VERSION || retry.attempt < 2 {
+            return Err(format!(
+                "webhook retry of unknown version {} or attempt {}",
+                retry.v, retry.attempt
+            ));
+        }
+        Ok(Self::Retry(retry))
+    }
 }
 
 /// A live endpoint, ready to sign for.
@@ -290,19 +312,11 @@ impl Deliverer {
     /// Handles one message and acks it, or gives it back when a follow-up could not be
     /// scheduled.
     async fn handle(&self, delivery: Delivery, publish: &Channel) {
-        let incoming = match serde_json::from_slice::<Incoming>(&delivery.data) {
-            Ok(Incoming::Event(event)) if event.v != EVENT_VERSION => {
-                Err(format!("lifecycle event of unknown version {}", event.v))
-            }
-            Ok(Incoming::Retry(retry)) if retry.v != RETRY_VERSION || retry.attempt < 2 => {
-                Err(format!(
-                    "webhook retry of unknown version {} or attempt {}",
-                    retry.v, retry.attempt
-                ))
-            }
-            Ok(incoming) => Ok(incoming),
-            Err(e) => Err(format!("not a lifecycle event nor a webhook retry: {e}")),
-        };
+        let incoming = Incoming::read(
+            delivery.routing_key.as_str(),
+            &self.config.webhooks.queue,
+            &delivery.data,
+        );
         let scheduled = match incoming {
             Ok(Incoming::Event(event)) => self.deliver_event(&event, publish).await,
             Ok(Incoming::Retry(retry)) => match self.snapshot().by_id.get(&retry.endpoint_id) {

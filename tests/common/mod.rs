@@ -416,6 +416,35 @@ impl TestEnv {
     }
 }
 
+/// A connection and channel to the test broker, with an exclusive queue `queue` of their own
+/// (gone when the connection closes) bound to `exchange` with `binding`.
+pub async fn own_queue(queue: &str, exchange: &str, binding: &str) -> (Connection, lapin::Channel) {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.into(), exclusive, FieldTable::default())
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            binding.into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (conn, channel)
+}
+
 /// Waits, if needed, so that at least `secs` seconds are left in the current UTC minute: tests
 /// of per-minute windows must not straddle two windows.
 pub async fn leave_room_in_minute(secs: u64) {
