@@ -30,8 +30,63 @@ pub struct Config {
     pub events: EventsConfig,
     #[serde(default)]
     pub webhooks: WebhooksConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
     #[serde(default = "default_models")]
     pub models: Vec<ModelConfig>,
+}
+
+/// The admin API (`/admin/…`), open only when a master key is set: `TOLLGATE_ADMIN_KEY`, else the
+/// file named by `TOLLGATE_ADMIN_KEY_FILE` or `admin.key_file` (its first line). The key itself is
+/// never in the configuration file, in a log line or in `Debug` output.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub key_file: Option<String>,
+    /// The key, as read at start.
+    #[serde(skip)]
+    pub key: Option<Secret>,
+}
+
+/// The shortest master key accepted, in bytes: a guessable key would open every key's limits.
+pub const ADMIN_KEY_MIN_BYTES: usize = 24;
+
+/// A secret that shows itself only on purpose ([`Secret::expose`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+/// Logging (stderr). `RUST_LOG` filters it (default `info`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `human` (the default) or `json` (one object per line); `TOLLGATE_LOG_FORMAT` overrides it.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
 }
 
 /// Checks run on a request's input before admission takes anything. A request a guardrail refuses
@@ -90,6 +145,9 @@ impl Default for DatabaseConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
+    /// The broker's AMQP URL, or several separated by commas (the nodes of a cluster): a process
+    /// connects to the first that answers and, when that connection is lost, tries them again
+    /// starting after the one it lost ([`crate::queue::connect`]).
     pub url: String,
     /// Durable direct exchange jobs are published to.
     pub exchange: String,
@@ -114,6 +172,15 @@ pub struct AmqpConfig {
 pub const BROKER_DELIVERY_LIMIT: u32 = 1000;
 
 impl AmqpConfig {
+    /// The URLs of `url`, in order.
+    pub fn urls(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
     /// The delay queue a job waits in before attempt `level + 1` (`level` ≥ 1).
     pub fn retry_queue(&self, level: u32) -> String {
         format!("{}.delay.{level}", self.queue)
@@ -372,6 +439,10 @@ pub struct WorkerConfig {
     pub db_retry_max_ms: u64,
     /// On SIGTERM, how long running jobs may take to finish before they are handed back.
     pub shutdown_grace_seconds: u64,
+    /// Where a worker process (`tollgate worker`) serves `/healthz`, `/readyz` and `/metrics`;
+    /// empty for nowhere. `TOLLGATE_WORKER_LISTEN` overrides it. (`tollgate all` serves them on
+    /// the front's address.)
+    pub listen: String,
 }
 
 impl Default for WorkerConfig {
@@ -386,6 +457,7 @@ impl Default for WorkerConfig {
             retry_max_ms: 60_000,
             db_retry_max_ms: 10_000,
             shutdown_grace_seconds: 30,
+            listen: "127.0.0.1:9091".into(),
         }
     }
 }
@@ -613,6 +685,8 @@ impl Default for Config {
             guardrails: GuardrailsConfig::default(),
             events: EventsConfig::default(),
             webhooks: WebhooksConfig::default(),
+            admin: AdminConfig::default(),
+            log: LogConfig::default(),
             models: default_models(),
         }
     }
@@ -636,6 +710,17 @@ impl Config {
             None => Self::default(),
         };
         config.apply_env(|name| std::env::var(name).ok());
+        match std::env::var("TOLLGATE_LOG_FORMAT").as_deref() {
+            Ok("json") => config.log.format = LogFormat::Json,
+            Ok("human") => config.log.format = LogFormat::Human,
+            Ok(other) => {
+                return Err(ConfigError::Invalid(format!(
+                    "TOLLGATE_LOG_FORMAT must be json or human, not {other:?}"
+                )))
+            }
+            Err(_) => {}
+        }
+        config.read_admin_key(|name| std::env::var(name).ok())?;
         config.validate()?;
         Ok(config)
     }
@@ -661,6 +746,28 @@ impl Config {
         if let Some(listen) = var("TOLLGATE_LISTEN") {
             self.server.listen = listen;
         }
+        if let Some(listen) = var("TOLLGATE_WORKER_LISTEN") {
+            self.worker.listen = listen;
+        }
+    }
+
+    /// Reads the admin API's master key from the environment or its file.
+    fn read_admin_key(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(key) = var("TOLLGATE_ADMIN_KEY").filter(|k| !k.is_empty()) {
+            self.admin.key = Some(Secret::new(key));
+            return Ok(());
+        }
+        let Some(path) = var("TOLLGATE_ADMIN_KEY_FILE").or_else(|| self.admin.key_file.clone())
+        else {
+            return Ok(());
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let key = text.lines().next().unwrap_or_default().trim();
+        self.admin.key = Some(Secret::new(key));
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -701,6 +808,16 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "worker.max_attempts must be 1 to 10".into(),
             ));
+        }
+        if let Some(key) = &self.admin.key {
+            if key.expose().len() < ADMIN_KEY_MIN_BYTES {
+                return Err(ConfigError::Invalid(format!(
+                    "the admin key must be at least {ADMIN_KEY_MIN_BYTES} bytes long"
+                )));
+            }
+        }
+        if self.amqp.urls().is_empty() {
+            return Err(ConfigError::Invalid("amqp.url must name a broker".into()));
         }
         if !(1..=BROKER_DELIVERY_LIMIT).contains(&self.amqp.delivery_limit) {
             return Err(ConfigError::Invalid(format!(

@@ -114,9 +114,9 @@ struct CreateKey {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init();
     let cli = Cli::parse();
     let mut config = Config::load(cli.config.as_deref())?;
+    telemetry::init(config.log.format);
     if let Command::Serve(Listen { listen: Some(l) }) | Command::All(Listen { listen: Some(l) }) =
         &cli.command
     {
@@ -133,7 +133,14 @@ async fn main() -> anyhow::Result<()> {
             let listener = run::bind(&config).await?;
             run::serve(config, pool, listener, run::shutdown_on_signal()).await?;
         }
-        Command::Worker => run::work(config, pool, run::shutdown_on_signal()).await,
+        Command::Worker => {
+            let shutdown = run::shutdown_on_signal();
+            let probes = run::worker_probes(&config, &pool, &shutdown).await?;
+            run::work(config, pool, shutdown).await;
+            if let Some(probes) = probes {
+                let _ = probes.await;
+            }
+        }
         Command::All(_) => {
             let listener = run::bind(&config).await?;
             let shutdown = run::shutdown_on_signal();

@@ -35,6 +35,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    crate::metrics::install();
     let publisher = Arc::new(Publisher::new(config.clone()));
     if let Err(e) = publisher.channel().await {
         tracing::warn!(error = %e, "RabbitMQ is not reachable yet; jobs are admitted and published when it is");
@@ -116,6 +117,8 @@ async fn sweep(
         match outbox::rescue_lapsed(&pool, Duration::from_secs(1)).await {
             Ok(rescued) if rescued.is_empty() => {}
             Ok(rescued) => {
+                crate::metrics::counter!(crate::metrics::LEASE_RESCUES)
+                    .increment(rescued.len() as u64);
                 tracing::warn!(jobs = rescued.len(), "rescued jobs whose worker is gone")
             }
             Err(e) => tracing::warn!(error = %e, "could not rescue lapsed jobs; will retry"),
@@ -177,6 +180,7 @@ fn event_relay(
 /// Runs the worker, its event relay and (unless disabled) the webhook deliveries until
 /// `shutdown`.
 pub async fn work(config: Arc<Config>, pool: PgPool, shutdown: CancellationToken) {
+    crate::metrics::install();
     let publisher = Arc::new(Publisher::new(config.clone()));
     let events = tokio::spawn(event_relay(&config, &pool, &publisher, &shutdown));
     let webhooks = config.webhooks.enabled.then(|| {
@@ -191,6 +195,34 @@ pub async fn work(config: Arc<Config>, pool: PgPool, shutdown: CancellationToken
         let _ = webhooks.await;
     }
     publisher.close().await;
+}
+
+/// Starts a worker process's `/healthz`, `/readyz` and `/metrics` on `worker.listen` (unless it
+/// is empty), until `shutdown`. Its own publisher connection answers readiness.
+pub async fn worker_probes(
+    config: &Arc<Config>,
+    pool: &PgPool,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    if config.worker.listen.is_empty() {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(&config.worker.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.worker.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, "worker probes and metrics listening");
+    let probes = api::Probes {
+        pool: pool.clone(),
+        publisher: Arc::new(Publisher::new(config.clone())),
+        config: config.clone(),
+    };
+    let shutdown = shutdown.clone();
+    Ok(Some(tokio::spawn(async move {
+        if let Err(e) = api::serve_probes(listener, probes.clone(), shutdown).await {
+            tracing::error!(error = %e, "worker probes server failed");
+        }
+        probes.publisher.close().await;
+    })))
 }
 
 /// Binds the configured listen address.

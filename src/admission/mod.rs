@@ -313,13 +313,24 @@ impl Admission {
     pub async fn admit(&self, submission: Submission<'_>) -> Decision {
         let mut rates = RateReport::default();
         let mut key_id = None;
+        let started = std::time::Instant::now();
         let result = self.decide(submission, &mut rates, &mut key_id).await;
-        match &result {
+        let outcome = match &result {
             Ok(Admitted::New { job, .. }) => {
-                metrics::increment("tollgate_admitted_total", "model", &job.model);
+                metrics::counter!(metrics::ADMITTED, "model" => job.model.clone()).increment(1);
+                Some("admitted")
             }
-            Ok(Admitted::Replayed(_)) | Err(Rejection::Database(_)) => {}
-            Err(rejection) => self.count_rejection(key_id, rejection).await,
+            Ok(Admitted::Replayed(_)) | Err(Rejection::Database(_)) => None,
+            Err(_) => Some("rejected"),
+        };
+        if let Some(outcome) = outcome {
+            metrics::histogram!(metrics::ADMISSION_SECONDS, "outcome" => outcome)
+                .record(started.elapsed());
+        }
+        if let Err(rejection) = &result {
+            if !matches!(rejection, Rejection::Database(_)) {
+                self.count_rejection(key_id, rejection).await;
+            }
         }
         Decision { result, rates }
     }
@@ -483,7 +494,7 @@ impl Admission {
     /// Counts a rejection by minute, key and reason, outside the (rolled back) transaction.
     async fn count_rejection(&self, key_id: Option<KeyId>, rejection: &Rejection) {
         let reason = rejection.reason();
-        metrics::increment("tollgate_rejected_total", "reason", &reason);
+        metrics::counter!(metrics::REJECTED, "reason" => reason.clone()).increment(1);
         let counted = sqlx::query(
             "INSERT INTO tollgate.rejections AS r (minute, key_id, reason, count)
              VALUES (date_trunc('minute', now()), $1, $2, 1)

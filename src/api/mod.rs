@@ -30,6 +30,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
+pub use health::{serve_probes, Probes};
 pub use object::response_object;
 pub use server::serve;
 pub use stream::StreamEvent;
@@ -77,7 +78,38 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::map_response(openai_shaped))
+        .layer(middleware::from_fn(request_span))
         .with_state(state)
+}
+
+/// The header carrying a request's id: the client's, if it sent a sensible one, else a new
+/// `req_…`; answered on every response, and on every log line of the request.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Runs the request in a span holding its id, method and path, and answers the id.
+async fn request_span(request: axum::extract::Request, next: middleware::Next) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=128).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("req_{}", uuid::Uuid::new_v4().simple()));
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    let mut response = tracing::Instrument::instrument(next.run(request), span).await;
+    if let Ok(value) = header::HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
 }
 
 /// An error answered by an extractor's rejection (plain text) gets OpenAI's shape, with its status

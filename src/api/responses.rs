@@ -128,7 +128,7 @@ pub(super) async fn owned_job(
             `stream: true`) `server.max_followers_per_key` streams already open", body = ErrorBody),
     )
 )]
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(skip_all, fields(job_id = tracing::field::Empty))]
 async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -190,10 +190,13 @@ async fn create(
         }) => {
             // Published now; whatever fails here, the outbox relay publishes later.
             state.dispatch.publish(outbox_id, &message).await;
+            tracing::Span::current().record("job_id", tracing::field::display(job.id));
+            tracing::info!(model = %job.model, "job admitted");
             job
         }
         Ok(Admitted::Replayed(job)) => job,
         Err(rejection) => {
+            tracing::info!(reason = %rejection.reason(), "request rejected");
             let mut response = ApiError::from(rejection).into_response();
             add_rate_headers(response.headers_mut(), &decision.rates);
             return Ok(response);

@@ -266,6 +266,7 @@ static LIVE_STREAMS: LazyLock<Mutex<HashMap<KeyId, usize>>> = LazyLock::new(Defa
 #[derive(Debug)]
 pub struct StreamSlot {
     key_id: KeyId,
+    _counted: crate::metrics::InFlight,
 }
 
 impl StreamSlot {
@@ -286,7 +287,10 @@ impl StreamSlot {
             )));
         }
         *count += 1;
-        Ok(Self { key_id })
+        Ok(Self {
+            key_id,
+            _counted: crate::metrics::InFlight::start(crate::metrics::SSE_FOLLOWERS),
+        })
     }
 }
 

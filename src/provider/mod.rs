@@ -318,6 +318,22 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// The class of the failure for the metrics: `4xx` and `5xx` by the upstream's status,
+    /// `network` for a connection that failed, timed out or was cut off, `stream` for what the
+    /// upstream sent wrong or reported in its stream, `config` for a provider set up wrongly.
+    pub fn status_class(&self) -> &'static str {
+        match self {
+            ProviderError::Status { status, .. } => crate::metrics::status_class(Some(*status)),
+            ProviderError::Transport(_) | ProviderError::Timeout | ProviderError::Truncated => {
+                "network"
+            }
+            ProviderError::Protocol(_)
+            | ProviderError::Oversized(_)
+            | ProviderError::Upstream(_) => "stream",
+            ProviderError::Config(_) => "config",
+        }
+    }
+
     /// Whether another attempt may succeed (connection trouble, timeouts, a cut-off stream, 408,
     /// 429 and 5xx).
     pub fn is_retryable(&self) -> bool {

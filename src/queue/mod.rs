@@ -38,13 +38,19 @@ pub use publisher::{publish_on, publish_raw, Envelope, PublishError, Publisher};
 use lapin::{
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
-    Channel, Connection,
+    Channel, Connection, ConnectionProperties,
 };
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, ids::JobId};
+use crate::{
+    config::{AmqpConfig, Config},
+    ids::JobId,
+};
 use topology::{Arg, Step};
 
 /// Routing key of job messages on the jobs exchange.
@@ -153,6 +159,50 @@ where
             }
         }
     }
+}
+
+/// How long one broker may take to accept a connection before the next is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens a connection named `<amqp.connection_name>-<role>` to one of `amqp.url`'s brokers: the
+/// one this process last connected to if it answers, else the next that does, in the listed
+/// order. So a process whose node stopped moves on to a surviving node of the cluster on its next
+/// attempt, and comes back to no node it does not need to. The error is the last broker's.
+pub async fn connect(amqp: &AmqpConfig, role: &str) -> Result<Connection, lapin::Error> {
+    static LAST_GOOD: AtomicUsize = AtomicUsize::new(0);
+    let urls = amqp.urls();
+    let start = LAST_GOOD.load(Ordering::Relaxed);
+    let mut last_error = None;
+    for offset in 0..urls.len() {
+        let index = (start + offset) % urls.len();
+        let properties = ConnectionProperties::default()
+            .with_connection_name(format!("{}-{role}", amqp.connection_name).into());
+        let attempt = Connection::connect(urls[index], properties);
+        let error = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            Ok(Ok(conn)) => {
+                if LAST_GOOD.swap(index, Ordering::Relaxed) != index || offset > 0 {
+                    tracing::info!(
+                        broker = index + 1,
+                        of = urls.len(),
+                        role,
+                        "connected to RabbitMQ"
+                    );
+                }
+                return Ok(conn);
+            }
+            Ok(Err(e)) => e,
+            Err(_) => std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no AMQP handshake within {CONNECT_TIMEOUT:?}"),
+            )
+            .into(),
+        };
+        if urls.len() > 1 {
+            tracing::warn!(broker = index + 1, of = urls.len(), role, error = %error, "RabbitMQ broker not reachable; trying the next");
+        }
+        last_error = Some(error);
+    }
+    Err(last_error.expect("the configuration names at least one broker"))
 }
 
 /// Declares a durable queue. If it exists with other arguments, RabbitMQ closes the channel

@@ -343,7 +343,7 @@ pub async fn relay_events_once(
     tx.commit().await?;
     for (event, ok) in events.iter().zip(&confirmed) {
         if *ok {
-            metrics::increment("tollgate_events_published_total", "type", &event.kind);
+            metrics::counter!(metrics::EVENTS_PUBLISHED, "type" => event.kind.clone()).increment(1);
         }
     }
     if sent.len() < ids.len() {

@@ -12,7 +12,7 @@ use std::{
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
     types::FieldTable,
-    BasicProperties, Channel, Connection, ConnectionProperties,
+    BasicProperties, Channel, Connection,
 };
 use tokio::sync::Mutex;
 
@@ -101,12 +101,7 @@ impl Publisher {
 
     async fn connect(&self) -> Result<(Connection, Channel), lapin::Error> {
         let amqp = &self.config.amqp;
-        let conn = Connection::connect(
-            &amqp.url,
-            ConnectionProperties::default()
-                .with_connection_name(format!("{}-publisher", amqp.connection_name).into()),
-        )
-        .await?;
+        let conn = crate::queue::connect(amqp, "publisher").await?;
         declare_topology(&conn, &self.config).await?;
         let channel = conn.create_channel().await?;
         channel
@@ -184,6 +179,53 @@ impl Publisher {
         Ok(declared.message_count())
     }
 
+    /// The messages ready in each of `queues`, `None` for one that could not be read (absent,
+    /// or RabbitMQ unreachable). Read on a channel of their own, since RabbitMQ closes the channel
+    /// of a passive declare that finds no queue.
+    pub async fn queue_depths(&self, queues: &[String]) -> Vec<Option<u32>> {
+        let mut depths = Vec::with_capacity(queues.len());
+        let mut channel: Option<Channel> = None;
+        for queue in queues {
+            if channel.as_ref().is_none_or(|c| !c.status().connected()) {
+                channel = self.side_channel().await;
+            }
+            let Some(open) = &channel else {
+                depths.push(None);
+                continue;
+            };
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let declared = tokio::time::timeout(
+                self.timeout(),
+                open.queue_declare(queue.as_str().into(), passive, FieldTable::default()),
+            )
+            .await;
+            depths.push(match declared {
+                Ok(Ok(queue)) => Some(queue.message_count()),
+                _ => None,
+            });
+        }
+        if let Some(open) = channel.filter(|c| c.status().connected()) {
+            let _ = open.close(200, "depths read".into()).await;
+        }
+        depths
+    }
+
+    /// A new channel on the publisher's connection (connecting if need be), or `None`.
+    async fn side_channel(&self) -> Option<Channel> {
+        self.channel().await.ok()?;
+        let live = self.live.lock().await;
+        let Live::Up(conn, _) = &*live else {
+            return None;
+        };
+        tokio::time::timeout(self.timeout(), conn.create_channel())
+            .await
+            .ok()?
+            .ok()
+    }
+
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.config.amqp.publish_timeout_ms)
     }
@@ -239,12 +281,14 @@ pub async fn publish_raw(
             .await?
             .await
     };
+    let started = std::time::Instant::now();
     let confirmation = tokio::time::timeout(timeout, confirmed)
         .await
         .map_err(|_| PublishError::Timeout)??;
     if confirmation.is_nack() {
         return Err(PublishError::Nacked);
     }
+    crate::metrics::histogram!(crate::metrics::PUBLISH_CONFIRM_SECONDS).record(started.elapsed());
     if let Some(returned) = confirmation.take_message() {
         return Err(PublishError::Unroutable(returned.reply_text.to_string()));
     }

@@ -99,6 +99,10 @@ pub struct Claimed {
     pub abandoned_output: String,
     /// That attempt, when there is one to charge.
     abandoned_attempt: Option<i32>,
+    /// For a first attempt, how long the job waited from its admission to this claim.
+    pub queued_seconds: Option<f64>,
+    /// Whether this claim took the job over from an attempt whose lease lapsed.
+    pub taken_over: bool,
 }
 
 /// Claims a job for a new attempt: `queued → in_progress`, or takes over an `in_progress` job
@@ -122,7 +126,7 @@ pub async fn claim_many(
     let uuids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
     let rows = sqlx::query(
         "WITH old AS (
-             SELECT id, attempt, settled_attempt
+             SELECT id, attempt, settled_attempt, status
                FROM tollgate.jobs
               WHERE id = ANY($1) ORDER BY id FOR UPDATE
          )
@@ -138,7 +142,11 @@ pub async fn claim_many(
           RETURNING j.id, j.attempt, j.attempt - j.handbacks AS tries, j.model, j.request,
                     j.history, j.estimated_input_tokens,
                     CASE WHEN old.attempt > old.settled_attempt THEN old.attempt END
-                        AS abandoned_attempt",
+                        AS abandoned_attempt,
+                    CASE WHEN j.attempt = 1
+                         THEN extract(epoch FROM clock_timestamp() - j.created_at)::float8
+                    END AS queued_seconds,
+                    old.status = 'in_progress' AS taken_over",
     )
     .bind(&uuids)
     .bind(lease_seconds as f64)

@@ -26,7 +26,7 @@ use lapin::{
         BasicQosOptions, ConfirmSelectOptions,
     },
     types::{AMQPValue, FieldTable},
-    Channel, Connection, ConnectionProperties,
+    Channel,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::{postgres::PgListener, PgPool};
@@ -251,12 +251,7 @@ impl Deliverer {
     /// progress) or when the connection is lost.
     async fn consume(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let amqp = &self.config.amqp;
-        let conn = Connection::connect(
-            &amqp.url,
-            ConnectionProperties::default()
-                .with_connection_name(format!("{}-webhooks", amqp.connection_name).into()),
-        )
-        .await?;
+        let conn = crate::queue::connect(amqp, "webhooks").await?;
         queue::declare_topology(&conn, &self.config).await?;
         let channel = conn.create_channel().await?;
         let publish = conn.create_channel().await?;
@@ -395,7 +390,7 @@ impl Deliverer {
         )
         .await;
         let latency = started.elapsed();
-        metrics::observe("tollgate_webhook_delivery_seconds", latency.as_secs_f64());
+        metrics::histogram!(metrics::WEBHOOK_DELIVERY_SECONDS).record(latency);
         let delivered = matches!(sent, Ok(code) if (200..300).contains(&code));
         let schedule = &self.config.webhooks.retry_schedule_secs;
         let (outcome, scheduled) = if delivered {
@@ -427,7 +422,7 @@ impl Deliverer {
             );
             ("dead", self.dead_letter(publish, &body, &reason).await)
         };
-        metrics::increment("tollgate_webhook_deliveries_total", "outcome", outcome);
+        metrics::counter!(metrics::WEBHOOK_DELIVERIES, "outcome" => outcome).increment(1);
         if !delivered {
             tracing::info!(outcome, error = ?super::error_of(&sent), "webhook delivery failed");
         }

@@ -21,6 +21,7 @@ use crate::{
     billing::{self, Attempt},
     config::ModelConfig,
     ids::{JobId, JobStatus},
+    metrics,
     money::MicroUsd,
     output::{Piece, Shaper},
     provider::{self, CallRequest, Chunk, ProviderError, StopReason},
@@ -42,7 +43,7 @@ pub(super) async fn run(worker: &Worker, id: JobId, abort: &CancellationToken) -
             tracing::error!(job_id = %id, error = %e, "the job's row cannot be read; failing it");
             let reason = format!("the job's row cannot be read: {e}");
             match jobs::fail_unreadable(&worker.pool, id, &reason).await {
-                Ok(_) => Disposition::DeadLetter(reason),
+                Ok(_) => Disposition::DeadLetter("unreadable_job", reason),
                 Err(e) => {
                     tracing::warn!(job_id = %id, error = %e, "could not fail the unreadable job; its message waits and comes back");
                     Disposition::DatabaseDown
@@ -95,7 +96,7 @@ async fn run_inner(
             tracing::info!(?status, "job already finished; message skipped");
             return Ok(Disposition::Ack);
         }
-        Claim::Missing => return Ok(Disposition::DeadLetter(format!("no job {id}"))),
+        Claim::Missing => return Ok(Disposition::DeadLetter("no_job", format!("no job {id}"))),
         // A duplicate: the running attempt's own message finishes the job. If that worker
         // dies, its lease lapses and the sweeper puts the job back with a new message.
         Claim::Running => {
@@ -111,8 +112,18 @@ async fn run_inner(
         history,
         estimated_input_tokens,
         abandoned_output,
+        queued_seconds,
+        taken_over,
         ..
     } = claimed;
+    if taken_over {
+        metrics::counter!(metrics::LEASE_RESCUES).increment(1);
+    }
+    let claimed_at = Instant::now();
+    if let Some(waited) = queued_seconds {
+        metrics::histogram!(metrics::QUEUE_WAIT_SECONDS, "model" => model_name.clone())
+            .record(waited.max(0.0));
+    }
     let tracked = worker.track(id);
     // From here until this function returns, the lease is renewed beside whatever we wait for.
     let _lease = LeaseKeeper::start(
@@ -207,6 +218,23 @@ async fn run_inner(
         estimated_input_tokens,
         matches!(end, StreamEnd::Ended(_)),
     );
+    for (kind, tokens) in [
+        ("input", spent.input_tokens),
+        ("output", spent.output_tokens),
+    ] {
+        if let Some(tokens) = tokens.filter(|t| *t > 0) {
+            metrics::counter!(metrics::TOKENS, "model" => model_name.clone(), "kind" => kind)
+                .increment(tokens as u64);
+        }
+    }
+    if let StreamEnd::Failed(e) = &end {
+        metrics::counter!(
+            metrics::UPSTREAM_ERRORS,
+            "provider" => model.provider.as_str(),
+            "status_class" => e.status_class(),
+        )
+        .increment(1);
+    }
     let outcome = match end {
         StreamEnd::Ended(stop) => {
             let incomplete_reason = match stop {
@@ -276,11 +304,10 @@ async fn run_inner(
             "job finished"
         );
         let status = serde_json::to_value(status).expect("status serialises");
-        crate::metrics::increment(
-            "tollgate_jobs_finished_total",
-            "status",
-            status.as_str().unwrap_or("unknown"),
-        );
+        let status = status.as_str().unwrap_or("unknown").to_string();
+        metrics::counter!(metrics::JOBS_FINISHED, "status" => status).increment(1);
+        metrics::histogram!(metrics::JOB_RUN_SECONDS, "model" => model_name)
+            .record(claimed_at.elapsed());
     }
     Ok(Disposition::Ack)
 }
@@ -412,12 +439,16 @@ async fn stream_into_rows(
             _ = tokio::time::sleep_until(deadline) => break StreamEnd::TimedOut,
             _ = first_token_due => break StreamEnd::Failed(ProviderError::Timeout),
             _ = flush_due => {
-                if !batch.flush(worker, id, attempt).await? {
+                if !batch.flush(worker, id, attempt, &model.name).await? {
                     return Ok(StreamEnd::Fenced);
                 }
             }
             chunk = chunks.next() => match chunk {
                 Some(Ok(chunk @ (Chunk::Delta(_) | Chunk::ToolCall { .. } | Chunk::Arguments(_)))) => {
+                    if !used.started {
+                        metrics::histogram!(metrics::FIRST_TOKEN_SECONDS, "model" => model.name.clone())
+                            .record(started.elapsed());
+                    }
                     used.started = true;
                     if !batch.push(chunk, used, settings.flush_interval()) {
                         break StreamEnd::Failed(ProviderError::Protocol(
@@ -425,7 +456,7 @@ async fn stream_into_rows(
                         ));
                     }
                     if batch.pending.len() >= settings.flush_max_deltas
-                        && !batch.flush(worker, id, attempt).await?
+                        && !batch.flush(worker, id, attempt, &model.name).await?
                     {
                         return Ok(StreamEnd::Fenced);
                     }
@@ -439,7 +470,7 @@ async fn stream_into_rows(
         }
     };
     // Whatever the ending, the output that did arrive is kept.
-    if !batch.flush(worker, id, attempt).await? {
+    if !batch.flush(worker, id, attempt, &model.name).await? {
         return Ok(StreamEnd::Fenced);
     }
     Ok(end)
@@ -500,15 +531,20 @@ impl Batch {
         worker: &Worker,
         id: JobId,
         attempt: i32,
+        model: &str,
     ) -> Result<bool, sqlx::Error> {
         self.deadline = None;
         if self.pending.is_empty() {
             return Ok(true);
         }
         let pieces = std::mem::take(&mut self.pending);
+        let deltas = pieces
+            .iter()
+            .filter(|p| matches!(p, Piece::Text(_) | Piece::Arguments(_)))
+            .count() as u64;
         let seq_first = self.next_seq;
         self.next_seq += pieces.len() as i32;
-        worker
+        let owned = worker
             .writer
             .call(jobs::Append {
                 id,
@@ -516,7 +552,12 @@ impl Batch {
                 seq_first,
                 pieces,
             })
-            .await
+            .await?;
+        if owned {
+            metrics::counter!(metrics::DELTAS_WRITTEN, "model" => model.to_string())
+                .increment(deltas);
+        }
+        Ok(owned)
     }
 }
 

@@ -44,7 +44,7 @@ use lapin::{
         BasicQosOptions, ConfirmSelectOptions,
     },
     types::{AMQPValue, FieldTable},
-    Channel, Connection, ConnectionProperties,
+    Channel,
 };
 use rand::Rng;
 use sqlx::{postgres::PgListener, PgPool};
@@ -54,6 +54,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Config,
     ids::JobId,
+    metrics,
     queue::{self, Envelope, JobMessage},
     store::jobs,
 };
@@ -64,8 +65,8 @@ pub enum Disposition {
     Ack,
     /// Hand it back to the queue to be delivered again.
     Requeue,
-    /// Send it to the dead-letter queue with this reason.
-    DeadLetter(String),
+    /// Send it to the dead-letter queue: the reason's kind (a metric label), and the reason.
+    DeadLetter(&'static str, String),
     /// PostgreSQL could not be reached: send the message to wait in the database delay queue.
     DatabaseDown,
     /// The job is `queued` again: send its message through the delay queue of `level`, or, when
@@ -167,12 +168,7 @@ impl Worker {
         abort: &CancellationToken,
     ) -> anyhow::Result<()> {
         let amqp = &self.config.amqp;
-        let conn = Connection::connect(
-            &amqp.url,
-            ConnectionProperties::default()
-                .with_connection_name(format!("{}-worker", amqp.connection_name).into()),
-        )
-        .await?;
+        let conn = crate::queue::connect(amqp, "worker").await?;
         queue::declare_topology(&conn, &self.config).await?;
         let channel = conn.create_channel().await?;
         let publish = conn.create_channel().await?;
@@ -200,7 +196,10 @@ impl Worker {
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         let (worker, publish, abort) = (self.clone(), publish.clone(), abort.clone());
-                        running.spawn(async move { worker.handle(delivery, &publish, &abort).await });
+                        running.spawn(async move {
+                            let _running = metrics::InFlight::start(metrics::WORKER_IN_FLIGHT);
+                            worker.handle(delivery, &publish, &abort).await
+                        });
                     }
                     Some(Err(e)) => break Err(e.into()),
                     None => break Err(anyhow::anyhow!("the RabbitMQ consumer ended")),
@@ -302,8 +301,9 @@ impl Worker {
                     }
                 }
             }
-            Disposition::DeadLetter(reason) => {
+            Disposition::DeadLetter(kind, reason) => {
                 tracing::error!(%reason, "message dead-lettered");
+                metrics::counter!(metrics::DEAD_LETTERED, "reason" => kind).increment(1);
                 let mut headers = FieldTable::default();
                 headers.insert(
                     queue::REASON_HEADER.into(),
@@ -355,19 +355,27 @@ impl Worker {
     ) -> Disposition {
         let message: JobMessage = match serde_json::from_slice(body) {
             Ok(m) => m,
-            Err(e) => return Disposition::DeadLetter(format!("malformed job message: {e}")),
+            Err(e) => {
+                return Disposition::DeadLetter("malformed", format!("malformed job message: {e}"))
+            }
         };
         if message.v != queue::MESSAGE_VERSION {
-            return Disposition::DeadLetter(format!("unknown message version {}", message.v));
+            return Disposition::DeadLetter(
+                "unknown_version",
+                format!("unknown message version {}", message.v),
+            );
         }
         let Some(job_id) = JobId::parse_public(&message.job_id) else {
-            return Disposition::DeadLetter(format!("not a job id: {:?}", message.job_id));
+            return Disposition::DeadLetter(
+                "bad_job_id",
+                format!("not a job id: {:?}", message.job_id),
+            );
         };
         let limit = self.config.amqp.delivery_limit;
         if deliveries >= limit {
             let reason = format!("delivered {deliveries} times, the limit is {limit}");
             return match jobs::fail_queued(&self.pool, job_id, "delivery_limit", &reason).await {
-                Ok(_) => Disposition::DeadLetter(reason),
+                Ok(_) => Disposition::DeadLetter("delivery_limit", reason),
                 Err(e) => {
                     tracing::warn!(%job_id, error = %e, "could not fail the job at its delivery limit");
                     Disposition::DatabaseDown

@@ -39,7 +39,7 @@ pub fn amqp_url() -> String {
 
 pub fn init_logs() {
     if std::env::var_os("TEST_LOG").is_some() {
-        tollgate::telemetry::init();
+        tollgate::telemetry::init(Default::default());
     }
 }
 
@@ -67,6 +67,7 @@ pub fn isolated_config(models: Vec<ModelConfig>) -> Config {
     config.events.exchange = format!("tg-test-{tag}.events");
     config.webhooks.queue = format!("tg-test-{tag}.webhooks");
     config.server.listen = "127.0.0.1:0".into();
+    config.worker.listen = "127.0.0.1:0".into();
     config.worker.flush_interval_ms = 10;
     config.worker.flush_max_deltas = 8;
     config
