@@ -81,6 +81,70 @@ enum KeysCommand {
     /// Revoke one key by its id or its printed prefix (`sk-tg-` and 8 hex digits). A prefix that
     /// names several live keys (older keys had 4 digits) revokes none.
     Revoke { key: String },
+    /// Change a live key's limits: the options given are set (`none` lifts a limit), the others
+    /// kept; the key's next admission, on every front, runs under them. Prints the key (JSON).
+    SetLimits(SetLimits),
+}
+
+#[derive(Args)]
+struct SetLimits {
+    /// The key's id.
+    key: uuid::Uuid,
+    #[arg(long)]
+    name: Option<String>,
+    /// Requests per minute, or `none`.
+    #[arg(long)]
+    rpm: Option<Limit<u32>>,
+    /// Tokens per minute, or `none`.
+    #[arg(long)]
+    tpm: Option<Limit<u32>>,
+    /// Jobs queued or running at once, or `none`.
+    #[arg(long)]
+    max_in_flight: Option<Limit<u32>>,
+    /// Budget in USD, or `none`.
+    #[arg(long)]
+    budget_usd: Option<Limit<f64>>,
+    /// `daily`, `monthly`, or `none` (the budget never starts again).
+    #[arg(long)]
+    budget_period: Option<Limit<BudgetPeriod>>,
+    /// Models the key may use, comma separated, or `none` (all).
+    #[arg(long)]
+    models: Option<Limit<String>>,
+    /// The key stops working this many days from now, or `none` (never).
+    #[arg(long)]
+    expires_in_days: Option<Limit<u32>>,
+}
+
+/// A limit given on the command line: a value, or `none` to lift it.
+#[derive(Clone, Debug)]
+enum Limit<T> {
+    Set(T),
+    Lifted,
+}
+
+impl<T: std::str::FromStr> std::str::FromStr for Limit<T>
+where
+    T::Err: std::fmt::Display,
+{
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "none" {
+            return Ok(Limit::Lifted);
+        }
+        text.parse()
+            .map(Limit::Set)
+            .map_err(|e| format!("{e} (or `none`)"))
+    }
+}
+
+impl<T> Limit<T> {
+    fn into_option(self) -> Option<T> {
+        match self {
+            Limit::Set(v) => Some(v),
+            Limit::Lifted => None,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -151,6 +215,7 @@ async fn main() -> anyhow::Result<()> {
             served?;
         }
         Command::Keys(KeysCommand::Create(args)) => create_key(&pool, args).await?,
+        Command::Keys(KeysCommand::SetLimits(args)) => set_limits(&pool, args).await?,
         Command::Webhooks(command) => webhooks(&pool, &config, command).await?,
         Command::Keys(KeysCommand::List) => {
             for key in store::keys::list(&pool).await? {
@@ -287,6 +352,54 @@ async fn create_key(pool: &sqlx::PgPool, args: CreateKey) -> anyhow::Result<()> 
     } else {
         println!("created key {:?} (id {id})", args.name);
         println!("{secret}");
+    }
+    Ok(())
+}
+
+async fn set_limits(pool: &sqlx::PgPool, args: SetLimits) -> anyhow::Result<()> {
+    let count = |limit: Option<Limit<u32>>, what: &str| -> anyhow::Result<Option<Option<i32>>> {
+        limit
+            .map(|l| {
+                l.into_option()
+                    .map(|n| {
+                        i32::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
+                            anyhow::anyhow!("--{what} must be between 1 and {}, or none", i32::MAX)
+                        })
+                    })
+                    .transpose()
+            })
+            .transpose()
+    };
+    let change = store::keys::KeyChange {
+        name: args.name,
+        rpm_limit: count(args.rpm, "rpm")?,
+        tpm_limit: count(args.tpm, "tpm")?,
+        max_in_flight: count(args.max_in_flight, "max-in-flight")?,
+        budget: args
+            .budget_usd
+            .map(|l| {
+                l.into_option()
+                    .map(|usd| {
+                        MicroUsd::from_usd(usd).ok_or_else(|| {
+                            anyhow::anyhow!("--budget-usd must be a non-negative amount, or none")
+                        })
+                    })
+                    .transpose()
+            })
+            .transpose()?,
+        budget_period: args.budget_period.map(Limit::into_option),
+        allowed_models: args.models.map(|l| {
+            l.into_option()
+                .map(|m| m.split(',').map(str::trim).map(str::to_owned).collect())
+        }),
+        expires_at: args.expires_in_days.map(|l| {
+            l.into_option()
+                .map(|days| chrono::Utc::now() + chrono::Duration::days(days.into()))
+        }),
+    };
+    match store::keys::update(pool, args.key, &change).await? {
+        Some(key) => println!("{}", serde_json::to_string(&key)?),
+        None => anyhow::bail!("no live key with id {}", args.key),
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! `app(state)` builds the router; [`serve`] serves it (`server.rs`: what happens below the
 //! router — hyper's own errors, slow clients, the connection cap). Tests run both on port 0.
 
+mod admin;
 mod error;
 mod health;
 mod input_items;
@@ -59,6 +60,7 @@ pub fn app(state: AppState) -> Router {
     let body_limit = state.config.server.max_body_bytes;
     let (responses, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(responses::router())
+        .merge(admin::router(state.clone()))
         .split_for_parts();
     let document = Arc::new(openapi::document(&document, &state.config));
     Router::new()

@@ -22,7 +22,11 @@ use crate::config::Config;
                        Responses API (background, streaming and synchronous modes).",
     ),
     modifiers(&BearerKey),
-    tags((name = "responses", description = "The OpenAI Responses API")),
+    tags(
+        (name = "responses", description = "The OpenAI Responses API"),
+        (name = "admin", description = "Keys and webhook endpoints, behind the master key \
+                                        (open only when one is set)"),
+    ),
 )]
 pub struct ApiDoc;
 
@@ -35,6 +39,13 @@ impl Modify for BearerKey {
             .get_or_insert_with(Default::default)
             .add_security_scheme(
                 "api_key",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "admin_key",
                 SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
             );
     }

@@ -30,6 +30,18 @@ pub enum BudgetPeriod {
     Monthly,
 }
 
+impl std::str::FromStr for BudgetPeriod {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "daily" => Ok(BudgetPeriod::Daily),
+            "monthly" => Ok(BudgetPeriod::Monthly),
+            other => Err(format!("{other:?} is not daily or monthly")),
+        }
+    }
+}
+
 /// A live key and its limits, as admission sees it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ApiKey {
@@ -203,16 +215,147 @@ pub struct KeyListing {
 
 /// Every key with its live counters (summed over its slots).
 pub async fn list(pool: &PgPool) -> Result<Vec<KeyListing>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT k.id, k.name, k.key_prefix, k.rpm_limit, k.tpm_limit, k.max_in_flight,
-                k.budget_micro_usd, k.budget_period, k.allowed_models,
-                coalesce(sum(c.in_flight), 0)::bigint AS in_flight,
-                coalesce(sum(c.reserved_micro_usd), 0)::bigint AS reserved_micro_usd,
-                coalesce(sum(c.spent_micro_usd), 0)::bigint AS spent_micro_usd,
-                k.created_at, k.expires_at, k.revoked_at
-           FROM tollgate.api_keys k LEFT JOIN tollgate.key_counters c ON c.key_id = k.id
-          GROUP BY k.id ORDER BY k.created_at",
-    )
+    sqlx::query_as(&format!(
+        "{LISTING} GROUP BY k.id ORDER BY k.created_at, k.id"
+    ))
     .fetch_all(pool)
     .await
+}
+
+const LISTING: &str =
+    "SELECT k.id, k.name, k.key_prefix, k.rpm_limit, k.tpm_limit, k.max_in_flight,
+            k.budget_micro_usd, k.budget_period, k.allowed_models,
+            coalesce(sum(c.in_flight), 0)::bigint AS in_flight,
+            coalesce(sum(c.reserved_micro_usd), 0)::bigint AS reserved_micro_usd,
+            coalesce(sum(c.spent_micro_usd), 0)::bigint AS spent_micro_usd,
+            k.created_at, k.expires_at, k.revoked_at
+       FROM tollgate.api_keys k LEFT JOIN tollgate.key_counters c ON c.key_id = k.id";
+
+/// One key with its live counters, revoked or not.
+pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<KeyListing>, sqlx::Error> {
+    sqlx::query_as(&format!("{LISTING} WHERE k.id = $1 GROUP BY k.id"))
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// A change to a live key: a field left `None` stays as it is; `Some(None)` lifts that limit.
+#[derive(Debug, Clone, Default)]
+pub struct KeyChange {
+    pub name: Option<String>,
+    pub rpm_limit: Option<Option<i32>>,
+    pub tpm_limit: Option<Option<i32>>,
+    pub max_in_flight: Option<Option<i32>>,
+    pub budget: Option<Option<MicroUsd>>,
+    pub budget_period: Option<Option<BudgetPeriod>>,
+    pub allowed_models: Option<Option<Vec<String>>>,
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+}
+
+/// Applies `change` to the live key `id` and returns it as it now is; `None` if there is no live
+/// key with this id. The row's trigger tells every front to drop the key from its cache, so the
+/// next admission of the key runs under the new limits. Jobs admitted before keep what they
+/// reserved.
+pub async fn update(
+    pool: &PgPool,
+    id: Uuid,
+    change: &KeyChange,
+) -> Result<Option<KeyListing>, sqlx::Error> {
+    let updated = sqlx::query(
+        "UPDATE tollgate.api_keys SET
+                name = coalesce($2, name),
+                rpm_limit = CASE WHEN $3 THEN $4 ELSE rpm_limit END,
+                tpm_limit = CASE WHEN $5 THEN $6 ELSE tpm_limit END,
+                max_in_flight = CASE WHEN $7 THEN $8 ELSE max_in_flight END,
+                budget_micro_usd = CASE WHEN $9 THEN $10 ELSE budget_micro_usd END,
+                budget_period = CASE WHEN $11 THEN $12 ELSE budget_period END,
+                allowed_models = CASE WHEN $13 THEN $14 ELSE allowed_models END,
+                expires_at = CASE WHEN $15 THEN $16 ELSE expires_at END
+          WHERE id = $1 AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .bind(&change.name)
+    .bind(change.rpm_limit.is_some())
+    .bind(change.rpm_limit.flatten())
+    .bind(change.tpm_limit.is_some())
+    .bind(change.tpm_limit.flatten())
+    .bind(change.max_in_flight.is_some())
+    .bind(change.max_in_flight.flatten())
+    .bind(change.budget.is_some())
+    .bind(change.budget.flatten().map(|b| b.0))
+    .bind(change.budget_period.is_some())
+    .bind(change.budget_period.flatten())
+    .bind(change.allowed_models.is_some())
+    .bind(change.allowed_models.clone().flatten())
+    .bind(change.expires_at.is_some())
+    .bind(change.expires_at.flatten())
+    .execute(pool)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Ok(None);
+    }
+    get(pool, id).await
+}
+
+/// A key's use now: what it holds, what it spent, this minute's requests and tokens, and its jobs
+/// by status (all it has, as retention keeps them).
+#[derive(Debug, serde::Serialize)]
+pub struct Usage {
+    pub in_flight: i64,
+    pub reserved_micro_usd: i64,
+    pub spent_micro_usd: i64,
+    /// Start of the budget period `spent_micro_usd` counts, for a key whose budget resets.
+    pub period_start: Option<DateTime<Utc>>,
+    pub minute_start: DateTime<Utc>,
+    pub requests_this_minute: i64,
+    pub tokens_this_minute: i64,
+    pub jobs: std::collections::BTreeMap<String, i64>,
+}
+
+/// The usage of key `id`, read in one snapshot.
+pub async fn usage(pool: &PgPool, id: Uuid) -> Result<Usage, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let (in_flight, reserved_micro_usd, spent_micro_usd, period_start): (
+        i64,
+        i64,
+        i64,
+        Option<DateTime<Utc>>,
+    ) = sqlx::query_as(
+        "SELECT coalesce(sum(in_flight), 0)::bigint, coalesce(sum(reserved_micro_usd), 0)::bigint,
+                coalesce(sum(spent_micro_usd), 0)::bigint, max(period_start)
+           FROM tollgate.key_counters WHERE key_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let (minute_start, requests_this_minute, tokens_this_minute): (DateTime<Utc>, i64, i64) =
+        sqlx::query_as(
+            "SELECT date_trunc('minute', now()), coalesce(sum(requests), 0)::bigint,
+                    coalesce(sum(tokens), 0)::bigint
+               FROM tollgate.rate_windows
+              WHERE key_id = $1 AND window_start = date_trunc('minute', now())",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let jobs: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT status::text, count(*) FROM tollgate.jobs WHERE key_id = $1 GROUP BY status",
+    )
+    .bind(id)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Usage {
+        in_flight,
+        reserved_micro_usd,
+        spent_micro_usd,
+        period_start,
+        minute_start,
+        requests_this_minute,
+        tokens_this_minute,
+        jobs: jobs.into_iter().collect(),
+    })
 }
