@@ -77,8 +77,16 @@ pub fn install() {
         describe();
         let process = metrics_process::Collector::default();
         process.describe();
-        // Series without labels start at 0, so that `increase()` sees their first event.
+        // Series of known labels start at 0, so that `increase()` sees their first event and
+        // dashboards show them before it.
         metrics::counter!(LEASE_RESCUES).absolute(0);
+        for outcome in ["delivered", "retrying", "dead", "failed"] {
+            metrics::counter!(WEBHOOK_DELIVERIES, "outcome" => outcome).absolute(0);
+        }
+        for status in ["completed", "failed", "cancelled", "incomplete"] {
+            metrics::counter!(JOBS_FINISHED, "status" => status).absolute(0);
+        }
+        let _ = metrics::histogram!(WEBHOOK_DELIVERY_SECONDS);
         metrics::gauge!(WORKER_IN_FLIGHT).set(0.0);
         metrics::gauge!(SSE_FOLLOWERS).set(0.0);
         Some(Exporter { handle, process })
