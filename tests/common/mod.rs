@@ -476,52 +476,56 @@ impl Drop for TestEnv {
         if let Some((_, worker)) = self.worker.take() {
             worker.abort();
         }
-        let db_url = self.config.database.url.clone();
-        let amqp = self.config.amqp.clone();
-        let mut retry_queues = amqp.delay_queues(self.config.worker.max_attempts);
-        let hooks = &self.config.webhooks;
-        retry_queues.extend(hooks.delay_queues());
-        retry_queues.extend([hooks.queue.clone(), hooks.dead_letter_queue()]);
-        let events_exchange = self.config.events.exchange.clone();
-        // Clean up on a thread of its own: Drop cannot await, and the test's runtime may be
-        // shutting down. The broker is always the test broker, even when the test pointed the
-        // front elsewhere (a test may have declared the topology there later).
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let (base, name) = db_url.rsplit_once('/').unwrap();
-                if let Ok(mut conn) = PgConnection::connect(&format!("{base}/postgres")).await {
-                    let _ =
-                        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                            .execute(&mut conn)
-                            .await;
-                }
-                if let Ok(conn) =
-                    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
-                {
-                    if let Ok(ch) = conn.create_channel().await {
-                        for q in [&amqp.queue, &amqp.dead_letter_queue]
-                            .into_iter()
-                            .chain(&retry_queues)
-                        {
-                            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-                        }
-                        for x in [&amqp.exchange, &amqp.dead_letter_exchange, &events_exchange] {
-                            let _ = ch
-                                .exchange_delete(x.as_str().into(), Default::default())
-                                .await;
-                        }
-                    }
-                    let _ = conn.close(200, "cleanup".into()).await;
-                }
-            });
-        })
-        .join()
-        .unwrap();
+        remove_resources(&self.config);
     }
+}
+
+/// Drops a test configuration's database and deletes its queues and exchanges.
+pub fn remove_resources(config: &Config) {
+    let db_url = config.database.url.clone();
+    let amqp = config.amqp.clone();
+    let mut retry_queues = amqp.delay_queues(config.worker.max_attempts);
+    let hooks = &config.webhooks;
+    retry_queues.extend(hooks.delay_queues());
+    retry_queues.extend([hooks.queue.clone(), hooks.dead_letter_queue()]);
+    let events_exchange = config.events.exchange.clone();
+    // Clean up on a thread of its own: Drop cannot await, and the test's runtime may be
+    // shutting down. The broker is always the test broker, even when the test pointed the
+    // front elsewhere (a test may have declared the topology there later).
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (base, name) = db_url.rsplit_once('/').unwrap();
+            if let Ok(mut conn) = PgConnection::connect(&format!("{base}/postgres")).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await;
+            }
+            if let Ok(conn) =
+                Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+            {
+                if let Ok(ch) = conn.create_channel().await {
+                    for q in [&amqp.queue, &amqp.dead_letter_queue]
+                        .into_iter()
+                        .chain(&retry_queues)
+                    {
+                        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+                    }
+                    for x in [&amqp.exchange, &amqp.dead_letter_exchange, &events_exchange] {
+                        let _ = ch
+                            .exchange_delete(x.as_str().into(), Default::default())
+                            .await;
+                    }
+                }
+                let _ = conn.close(200, "cleanup".into()).await;
+            }
+        });
+    })
+    .join()
+    .unwrap();
 }
 
 /// An answer read off a raw connection (see [`raw_request`]).
