@@ -131,6 +131,13 @@ fn default_webhook_timeout_ms() -> u64 {
 pub struct DatabaseConfig {
     pub url: String,
     pub max_connections: u32,
+    /// A direct connection to PostgreSQL, when `url` goes through a pooler in transaction mode
+    /// (PgBouncer's `pool_mode = transaction`), which cannot carry what lasts beyond one
+    /// transaction: LISTEN (streams' wake-ups, key and endpoint changes, cancels), the
+    /// migrations' session lock and creating the database use this URL instead. Unset: `url`
+    /// serves all. `DATABASE_DIRECT_URL` overrides it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direct_url: Option<String>,
 }
 
 impl Default for DatabaseConfig {
@@ -138,6 +145,7 @@ impl Default for DatabaseConfig {
         Self {
             url: "postgres://postgres@127.0.0.1:5432/tollgate".into(),
             max_connections: 20,
+            direct_url: None,
         }
     }
 }
@@ -740,6 +748,9 @@ impl Config {
         if let Some(url) = var("DATABASE_URL") {
             self.database.url = url;
         }
+        if let Some(url) = var("DATABASE_DIRECT_URL") {
+            self.database.direct_url = Some(url);
+        }
         if let Some(url) = var("AMQP_URL") {
             self.amqp.url = url;
         }
@@ -913,6 +924,48 @@ mod tests {
         assert_eq!(config.database.url, "postgres://x/y");
         assert_eq!(config.amqp.url, "amqp://z");
         assert_eq!(config.server.listen, "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn operations_settings_come_from_the_environment() {
+        let mut config = Config::default();
+        config.apply_env(|name| match name {
+            "DATABASE_DIRECT_URL" => Some("postgres://direct/y".into()),
+            "AMQP_URL" => Some(" amqp://a:5672/%2f, amqp://b:5672/%2f,".into()),
+            "TOLLGATE_WORKER_LISTEN" => Some("0.0.0.0:9091".into()),
+            _ => None,
+        });
+        assert_eq!(
+            config.database.direct_url.as_deref(),
+            Some("postgres://direct/y")
+        );
+        assert_eq!(
+            config.amqp.urls(),
+            ["amqp://a:5672/%2f", "amqp://b:5672/%2f"]
+        );
+        assert_eq!(config.worker.listen, "0.0.0.0:9091");
+        config.validate().unwrap();
+
+        let file = std::env::temp_dir().join(format!("tollgate-key-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&file, "a-master-key-of-thirty-two-bytes!\nignored\n").unwrap();
+        let path = file.to_string_lossy().into_owned();
+        config
+            .read_admin_key(|name| (name == "TOLLGATE_ADMIN_KEY_FILE").then(|| path.clone()))
+            .unwrap();
+        let key = config.admin.key.clone().unwrap();
+        assert_eq!(key.expose(), "a-master-key-of-thirty-two-bytes!");
+        assert!(
+            !format!("{config:?}").contains(key.expose()),
+            "the key shows in Debug"
+        );
+        assert!(!toml::to_string(&config).unwrap().contains(key.expose()));
+        config.validate().unwrap();
+        config.admin.key = Some(Secret::new("short"));
+        assert!(config.validate().is_err(), "a short master key is refused");
+        config.admin.key = None;
+        config.amqp.url = " , ".into();
+        assert!(config.validate().is_err(), "no broker");
+        let _ = std::fs::remove_file(file);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::{
 /// Connects to PostgreSQL (creating the database if needed) and brings the schema up to date.
 pub async fn prepare_database(config: &Config) -> anyhow::Result<PgPool> {
     let pool = store::connect(&config.database).await?;
-    store::migrate(&pool).await?;
+    store::migrate(&pool, &config.database).await?;
     Ok(pool)
 }
 
@@ -60,6 +60,7 @@ pub async fn serve(
     let config_grace = config.server.shutdown_grace_seconds;
     let watch = JobWatch::start(
         pool.clone(),
+        config.database.clone(),
         Duration::from_millis(config.server.stream_fallback_poll_ms),
         admission.keys().clone(),
         shutdown.clone(),

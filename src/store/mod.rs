@@ -40,18 +40,20 @@ pub enum StoreError {
     Migrate(#[source] MigrateError),
 }
 
-/// Connects to the configured database, creating it first when it does not exist.
+/// Connects to the configured database, creating it first when it does not exist (through
+/// `direct_url` when set).
 pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
+    let direct = config.direct_url.as_deref().unwrap_or(&config.url);
     let connect_err = |source| StoreError::Connect {
         url: redact(&config.url),
         source,
     };
-    if !Postgres::database_exists(&config.url)
+    if !Postgres::database_exists(direct)
         .await
         .map_err(connect_err)?
     {
-        match Postgres::create_database(&config.url).await {
-            Ok(()) => tracing::info!(url = %redact(&config.url), "created database"),
+        match Postgres::create_database(direct).await {
+            Ok(()) => tracing::info!(url = %redact(direct), "created database"),
             // Another process created it between our check and our create: that is fine.
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
             Err(e) => return Err(connect_err(e)),
@@ -66,12 +68,44 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
 }
 
 /// Applies pending migrations (under sqlx's advisory lock, so concurrent starts are safe), and
-/// refuses a database migrated by a newer tollgate.
-pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    MIGRATOR.run(pool).await.map_err(|e| match e {
+/// refuses a database migrated by a newer tollgate. The lock is a session's, so with a
+/// `direct_url` they run on a connection of their own to it.
+pub async fn migrate(pool: &PgPool, config: &DatabaseConfig) -> Result<(), StoreError> {
+    let direct;
+    let on = match &config.direct_url {
+        Some(url) => {
+            direct = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(url)
+                .await
+                .map_err(|source| StoreError::Connect {
+                    url: redact(url),
+                    source,
+                })?;
+            &direct
+        }
+        None => pool,
+    };
+    let migrated = MIGRATOR.run(on).await.map_err(|e| match e {
         MigrateError::VersionMissing(v) => StoreError::SchemaTooNew(v),
         other => StoreError::Migrate(other),
-    })
+    });
+    if !std::ptr::eq(on, pool) {
+        on.close().await;
+    }
+    migrated
+}
+
+/// A LISTEN connection: to `direct_url` when set (a transaction-mode pooler cannot hold one),
+/// else one of the pool's settings.
+pub async fn listener(
+    pool: &PgPool,
+    config: &DatabaseConfig,
+) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
+    match &config.direct_url {
+        Some(url) => sqlx::postgres::PgListener::connect(url).await,
+        None => sqlx::postgres::PgListener::connect_with(pool).await,
+    }
 }
 
 /// The URL with any password replaced, fit for logs and error messages.

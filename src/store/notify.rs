@@ -42,6 +42,7 @@ impl JobWatch {
     /// Revoked keys are dropped from `keys`.
     pub fn start(
         pool: PgPool,
+        database: crate::config::DatabaseConfig,
         fallback: Duration,
         keys: KeyCache,
         shutdown: CancellationToken,
@@ -54,7 +55,7 @@ impl JobWatch {
                 shutdown: shutdown.clone(),
             }),
         };
-        tokio::spawn(watch.clone().listen(pool, shutdown));
+        tokio::spawn(watch.clone().listen(pool, database, shutdown));
         watch
     }
 
@@ -97,10 +98,15 @@ impl JobWatch {
         }
     }
 
-    async fn listen(self, pool: PgPool, shutdown: CancellationToken) {
+    async fn listen(
+        self,
+        pool: PgPool,
+        database: crate::config::DatabaseConfig,
+        shutdown: CancellationToken,
+    ) {
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
-            let mut listener = match connect(&pool).await {
+            let mut listener = match connect(&pool, &database).await {
                 Ok(listener) => listener,
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "cannot LISTEN for job changes; readers fall back to polling");
@@ -154,8 +160,11 @@ impl JobWatch {
     }
 }
 
-async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
+async fn connect(
+    pool: &PgPool,
+    database: &crate::config::DatabaseConfig,
+) -> Result<PgListener, sqlx::Error> {
+    let mut listener = super::listener(pool, database).await?;
     listener.listen_all([CHANNEL, key_cache::CHANNEL]).await?;
     Ok(listener)
 }

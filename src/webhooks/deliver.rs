@@ -29,7 +29,7 @@ use lapin::{
     Channel,
 };
 use serde::{Deserialize, Serialize};
-use sqlx::{postgres::PgListener, PgPool};
+use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -219,7 +219,7 @@ impl Deliverer {
         let mut listener = None;
         loop {
             if listener.is_none() {
-                listener = match PgListener::connect_with(&self.pool).await {
+                listener = match crate::store::listener(&self.pool, &self.config.database).await {
                     Ok(mut l) => l.listen(ENDPOINTS_CHANNEL).await.ok().map(|_| l),
                     Err(_) => None,
                 };

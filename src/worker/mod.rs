@@ -47,7 +47,7 @@ use lapin::{
     Channel,
 };
 use rand::Rng;
-use sqlx::{postgres::PgListener, PgPool};
+use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -420,7 +420,7 @@ impl Worker {
 
 impl Worker {
     async fn listen_once(&self) -> Result<(), sqlx::Error> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
+        let mut listener = crate::store::listener(&self.pool, &self.config.database).await?;
         listener.listen(CANCEL_CHANNEL).await?;
         loop {
             let notification = listener.recv().await?;
