@@ -216,6 +216,7 @@ pub async fn worker_probes(
         pool: pool.clone(),
         publisher: Arc::new(Publisher::new(config.clone())),
         config: config.clone(),
+        needs_rabbitmq: true,
     };
     let shutdown = shutdown.clone();
     Ok(Some(tokio::spawn(async move {

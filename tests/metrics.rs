@@ -376,3 +376,39 @@ async fn every_series_is_exported_after_a_small_load() {
         );
     }
 }
+
+/// A front is ready while PostgreSQL answers (it admits with RabbitMQ away); a worker needs both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_of_a_worker_needs_rabbitmq_and_of_a_front_does_not() {
+    let env = TestEnv::front_only(vec![ModelConfig::mock("mock-1")]).await;
+    let mut config = (*env.config).clone();
+    config.amqp.url = "amqp://guest:guest@127.0.0.1:1/%2f".into();
+    let config = std::sync::Arc::new(config);
+    for (needs_rabbitmq, expected) in [(true, 503), (false, 200)] {
+        let probes = tollgate::api::Probes {
+            pool: env.pool.clone(),
+            publisher: std::sync::Arc::new(tollgate::queue::Publisher::new(config.clone())),
+            config: config.clone(),
+            needs_rabbitmq,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(tollgate::api::serve_probes(listener, probes, stop.clone()));
+        let ready = env
+            .http
+            .get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            ready.status().as_u16(),
+            expected,
+            "needs_rabbitmq {needs_rabbitmq}"
+        );
+        let body: serde_json::Value = ready.json().await.unwrap();
+        assert_eq!(body, json!({"postgres": true, "rabbitmq": false}));
+        stop.cancel();
+        server.await.unwrap().unwrap();
+    }
+}

@@ -1,6 +1,11 @@
-//! Liveness (`/healthz`: the process answers), readiness (`/readyz`: PostgreSQL answers and a
-//! RabbitMQ connection is open) and Prometheus metrics (`/metrics`). The front serves them beside
-//! the API; a worker process serves them on `worker.listen` ([`serve_probes`]).
+//! Liveness (`/healthz`: the process answers), readiness (`/readyz`) and Prometheus metrics
+//! (`/metrics`). The front serves them beside the API; a worker process serves them on
+//! `worker.listen` ([`serve_probes`]).
+//!
+//! Readiness answers whether the process can do its work: a front can while PostgreSQL answers
+//! (with RabbitMQ away it still admits, and its outbox relay, or any front's, publishes later), so
+//! a broker outage does not take every front out of its load balancer; a worker needs both. The
+//! body says which of the two answered.
 
 use std::{sync::Arc, time::Duration};
 
@@ -27,6 +32,8 @@ pub struct Probes {
     pub pool: PgPool,
     pub publisher: Arc<Publisher>,
     pub config: Arc<Config>,
+    /// Whether readiness needs RabbitMQ too (a worker) or PostgreSQL only (a front).
+    pub needs_rabbitmq: bool,
 }
 
 impl FromRef<AppState> for Probes {
@@ -35,6 +42,7 @@ impl FromRef<AppState> for Probes {
             pool: state.pool.clone(),
             publisher: state.publisher.clone(),
             config: state.config.clone(),
+            needs_rabbitmq: false,
         }
     }
 }
@@ -66,7 +74,7 @@ async fn readyz(State(probes): State<Probes>) -> (StatusCode, Json<Value>) {
     let probe = sqlx::query("SELECT 1").execute(&probes.pool);
     let postgres = matches!(tokio::time::timeout(PROBE_TIMEOUT, probe).await, Ok(Ok(_)));
     let rabbitmq = probes.publisher.channel().await.is_ok();
-    let status = if postgres && rabbitmq {
+    let status = if postgres && (rabbitmq || !probes.needs_rabbitmq) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

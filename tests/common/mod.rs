@@ -50,6 +50,7 @@ pub fn isolated_config(models: Vec<ModelConfig>) -> Config {
         database: DatabaseConfig {
             url: format!("{}/tollgate_test_{tag}", pg_base()),
             max_connections: 10,
+            direct_url: None,
         },
         amqp: AmqpConfig {
             url: amqp_url(),
