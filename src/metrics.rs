@@ -50,6 +50,9 @@ pub const BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
+/// How often histograms are drained when nobody scrapes.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 struct Exporter {
     handle: PrometheusHandle,
     process: metrics_process::Collector,
@@ -89,6 +92,15 @@ pub fn install() {
         let _ = metrics::histogram!(WEBHOOK_DELIVERY_SECONDS);
         metrics::gauge!(WORKER_IN_FLIGHT).set(0.0);
         metrics::gauge!(SSE_FOLLOWERS).set(0.0);
+        // Histograms keep their observations until drained into their buckets: a scrape drains
+        // them, and so does this, so that a process nobody scrapes does not grow.
+        let upkeep = handle.clone();
+        let _ = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                upkeep.run_upkeep();
+            });
         Some(Exporter { handle, process })
     });
 }

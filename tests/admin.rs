@@ -83,6 +83,9 @@ async fn without_a_master_key_the_admin_api_is_closed() {
         assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {body}");
         assert_error(&body, "invalid_request_error", Some("admin_disabled"));
     }
+    let (status, body) = call(&env, reqwest::Method::GET, "/admin/keys", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_error(&body, "invalid_request_error", Some("invalid_api_key"));
     assert_eq!(count(&env, "api_keys").await, 0);
 }
 
@@ -279,19 +282,28 @@ async fn keys_are_created_listed_changed_used_and_revoked() {
     // Revoked: refused at once, and no longer changeable.
     let (status, revoked) = admin(
         &env,
-        reqwest::Method::DELETE,
-        &format!("/admin/keys/{id}"),
+        reqwest::Method::POST,
+        &format!("/admin/keys/{id}/revoke"),
         None,
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{revoked}");
     assert!(revoked["revoked_at"].as_i64().is_some(), "{revoked}");
+    let (status, kept) = admin(
+        &env,
+        reqwest::Method::GET,
+        &format!("/admin/keys/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "the record stays");
+    assert_eq!(kept["revoked_at"], revoked["revoked_at"]);
     let (status, refused) = env.submit(&secret, body.clone()).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{refused}");
     let (status, _) = admin(
         &env,
-        reqwest::Method::DELETE,
-        &format!("/admin/keys/{id}"),
+        reqwest::Method::POST,
+        &format!("/admin/keys/{id}/revoke"),
         None,
     )
     .await;
@@ -396,6 +408,7 @@ async fn the_admin_routes_are_in_the_openapi_document() {
         "/admin/keys",
         "/admin/keys/{id}",
         "/admin/keys/{id}/usage",
+        "/admin/keys/{id}/revoke",
         "/admin/webhooks",
         "/admin/webhooks/{id}",
     ] {

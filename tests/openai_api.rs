@@ -665,9 +665,18 @@ async fn the_openapi_document_matches_the_routes() {
     assert_eq!(
         documented,
         [
+            ("delete", "/admin/webhooks/{id}"),
             ("delete", "/v1/responses/{id}"),
+            ("get", "/admin/keys"),
+            ("get", "/admin/keys/{id}"),
+            ("get", "/admin/keys/{id}/usage"),
+            ("get", "/admin/webhooks"),
             ("get", "/v1/responses/{id}"),
             ("get", "/v1/responses/{id}/input_items"),
+            ("patch", "/admin/keys/{id}"),
+            ("post", "/admin/keys"),
+            ("post", "/admin/keys/{id}/revoke"),
+            ("post", "/admin/webhooks"),
             ("post", "/v1/responses"),
             ("post", "/v1/responses/{id}/cancel"),
         ]

@@ -1,8 +1,8 @@
 //! schemathesis (pinned in `tests/schemathesis/requirements.txt`, installed into
 //! `.venv-schemathesis` on first run) runs against the live `/openapi.json` of a real front and
-//! worker with the mock model, as a key holder: generated requests of every operation, valid and
-//! invalid, and sequences that follow the document's links from a created response to the
-//! operations on it.
+//! worker with the mock model: the Responses API as a key holder, and the admin API with the master
+//! key. Generated requests of every operation, valid and invalid, and sequences that follow the
+//! document's links from a created response to the operations on it.
 //!
 //! Every check runs but `positive_data_acceptance`: no answer is a 5xx, every status, content
 //! type, header and body (JSON, and each event of a stream) is the one documented, schema-invalid
@@ -19,22 +19,22 @@ mod common;
 use std::path::Path;
 
 use common::{sdk::python_with, TestEnv};
-use tollgate::config::ModelConfig;
+use tollgate::config::{ModelConfig, Secret};
 
 fn setting(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn schemathesis_finds_no_server_error_and_no_answer_off_the_schema() {
+/// Runs schemathesis on the operations whose path matches `paths`, as the holder of `secret`, and
+/// checks it found nothing and tested `operations` operations with enough cases.
+async fn run(env: &TestEnv, secret: &str, paths: &str, operations: usize) {
     let python = python_with(".venv-schemathesis", "tests/schemathesis/requirements.txt");
     let schemathesis = python.with_file_name("schemathesis");
-    let env = TestEnv::start(vec![ModelConfig::mock("mock-1")]).await;
-    let key = env.key().await;
     let output = tokio::process::Command::new(&schemathesis)
         .arg("run")
         .arg(env.url("/openapi.json"))
-        .args(["--header", &format!("Authorization: Bearer {key}")])
+        .args(["--header", &format!("Authorization: Bearer {secret}")])
+        .args(["--include-path-regex", paths])
         .args([
             "--checks",
             "all",
@@ -61,7 +61,14 @@ async fn schemathesis_finds_no_server_error_and_no_answer_off_the_schema() {
         output.status
     );
     // It ran every operation and generated cases (a run that tested nothing also exits 0).
-    assert!(stdout.contains("Tested: 5"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("Tested: {operations}")),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("Authentication failed"),
+        "operations answered only 401/403:\n{stdout}"
+    );
     // "Test cases:" is followed by "N generated, N passed, …".
     let generated: u64 = stdout
         .lines()
@@ -72,4 +79,16 @@ async fn schemathesis_finds_no_server_error_and_no_answer_off_the_schema() {
         })
         .unwrap_or_else(|| panic!("no count of generated cases in:\n{stdout}"));
     assert!(generated >= 200, "only {generated} cases generated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_error_and_no_answer_off_the_schema() {
+    let mut config = common::isolated_config(vec![ModelConfig::mock("mock-1")]);
+    let master = "schemathesis-master-key-0123456789";
+    config.admin.key = Some(Secret::new(master));
+    let mut env = TestEnv::front_with(config).await;
+    env.start_worker();
+    let key = env.key().await;
+    run(&env, &key, "^/v1/", 5).await;
+    run(&env, master, "^/admin/", 9).await;
 }

@@ -2,9 +2,9 @@
 //! webhook endpoints, for operators who cannot reach the database with the CLI.
 //!
 //! Open only when a master key is set (`TOLLGATE_ADMIN_KEY`, or a file: `config::AdminConfig`);
-//! without one every route answers 403 `admin_disabled`. The master key travels as
-//! `Authorization: Bearer …` and is compared in constant time (the SHA-256 of each side, so not
-//! even its length shows in the time taken). An ordinary API key opens nothing here. Errors have
+//! without one every route answers 403 `admin_disabled` (401 to a request with no credentials).
+//! The master key travels as `Authorization: Bearer …` and is compared in constant time (the
+//! SHA-256 of each side, so not even its length shows in the time taken). An ordinary API key opens nothing here. Errors have
 //! OpenAI's shape, as everywhere; a refused request writes nothing.
 
 use axum::{
@@ -37,7 +37,8 @@ use crate::{
 pub fn router(state: AppState) -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(create_key, list_keys))
-        .routes(routes!(get_key, update_key, revoke_key))
+        .routes(routes!(get_key, update_key))
+        .routes(routes!(revoke_key))
         .routes(routes!(key_usage))
         .routes(routes!(add_webhook, list_webhooks))
         .routes(routes!(remove_webhook))
@@ -51,7 +52,20 @@ async fn require_master_key(
     request: Request,
     next: Next,
 ) -> Response {
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
     let Some(master) = &state.config.admin.key else {
+        if presented.is_empty() {
+            return ApiError::Unauthorized(
+                "The admin API needs the master key as `Authorization: Bearer <key>`; it is not \
+                 enabled on this server (no master key is set)."
+                    .into(),
+            )
+            .into_response();
+        }
         return ApiError::Forbidden {
             message: "The admin API is not enabled on this server: it opens when a master key \
                       is set (TOLLGATE_ADMIN_KEY or TOLLGATE_ADMIN_KEY_FILE)."
@@ -60,11 +74,6 @@ async fn require_master_key(
         }
         .into_response();
     };
-    let presented = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
     let matches: bool = Sha256::digest(presented.as_bytes())
         .ct_eq(&Sha256::digest(master.expose().as_bytes()))
         .into();
@@ -484,11 +493,11 @@ async fn update_key(
 }
 
 #[utoipa::path(
-    delete, path = "/admin/keys/{id}", tag = "admin", security(("admin_key" = [])),
+    post, path = "/admin/keys/{id}/revoke", tag = "admin", security(("admin_key" = [])),
     params(("id" = String, Path, description = "The key's id (a UUID)")),
     responses(
         (status = 200, description = "The key, revoked: every front refuses it from now on; \
-            its jobs run on", body = AdminKey),
+            its jobs run on, and its record stays (with `revoked_at`)", body = AdminKey),
         (status = 401, description = "No master key, or a wrong one", body = ErrorBody),
         (status = 403, description = "The admin API is not enabled", body = ErrorBody),
         (status = 404, description = "No such live key", body = ErrorBody),

@@ -8,7 +8,7 @@
 //!   the header [`REASON_HEADER`], and so it does with a message delivered `amqp.delivery_limit`
 //!   times (a backstop against endless redelivery, read from `x-delivery-count`); the queue's
 //!   own `x-delivery-limit` is a fixed, higher [`BROKER_DELIVERY_LIMIT`];
-//! - delay queues (classic, durable), where a message waits for its per-message expiration, then
+//! - delay queues (quorum, durable), where a message waits for its per-message expiration, then
 //!   dead-letters back to the jobs exchange with routing key [`ROUTING_KEY`]:
 //!   `<queue>.delay.<n>`, one per retry level n = 1 … `worker.max_attempts - 1`, for a job whose
 //!   attempt n failed retryably; `<queue>.delay.after` for a job whose upstream asked, with
@@ -18,7 +18,7 @@
 //! - topic exchange `events.exchange` (`tollgate.events`): lifecycle events ([`events`]);
 //! - webhooks (unless `webhooks.enabled` is false): quorum queue `webhooks.queue`, bound to the
 //!   events exchange for terminal events ([`WEBHOOK_BINDINGS`]), dead-lettering to nothing; its
-//!   delay queues `<queue>.delay.<n>` (classic) dead-letter back to it through the default
+//!   delay queues `<queue>.delay.<n>` (quorum) dead-letter back to it through the default
 //!   exchange; a delivery abandoned after its last retry is published to the quorum queue
 //!   `<queue>.dead`.
 //!
@@ -224,6 +224,18 @@ async fn declare_queue(
             lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == PRECONDITION_FAILED => {
                 amqp.get_message().as_str().to_string()
             }
+            // A classic queue whose node is down (one declared by an earlier version, which
+            // declared its delay queues classic): the rest of the topology is declared, and the
+            // process runs on the nodes that are up; what goes to that queue fails meanwhile.
+            lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == NOT_FOUND => {
+                tracing::warn!(
+                    queue = name,
+                    broker = %amqp.get_message(),
+                    "the queue's node is down; declaring the rest of the topology without it"
+                );
+                *channel = conn.create_channel().await?;
+                return Ok(());
+            }
             _ => return Err(e),
         },
     };
@@ -263,3 +275,4 @@ async fn bind(
 
 /// The reply code RabbitMQ closes a channel with when a declaration does not match what exists.
 const PRECONDITION_FAILED: u16 = 406;
+const NOT_FOUND: u16 = 404;

@@ -68,6 +68,7 @@ pub fn steps(full: &Config) -> Vec<Step> {
         steps.extend(hooks.delay_queues().into_iter().map(|name| Step::Queue {
             name,
             args: vec![
+                quorum(),
                 ("x-dead-letter-exchange", text("")),
                 ("x-dead-letter-routing-key", text(&hooks.queue)),
             ],
@@ -98,15 +99,18 @@ pub fn steps(full: &Config) -> Vec<Step> {
         bind(&amqp.queue, &amqp.exchange, ROUTING_KEY),
     ]);
     // Delay queues: a message waits for its own expiration, then dead-letters back to the jobs
-    // exchange. Classic queues expire messages at their head only, so each queue holds waits of
-    // one kind (a retry level, Retry-After, a database outage) that end in about the order they
-    // began.
+    // exchange. Queues expire messages at their head only, so each queue holds waits of one kind
+    // (a retry level, Retry-After, a database outage) that end in about the order they began.
+    // They are quorum queues too (message TTL needs RabbitMQ 3.10 or later): a classic queue
+    // lives on one node, and in a cluster that node's loss would take the waiting messages with
+    // it, and make every declaration of the topology fail until it is back.
     steps.extend(
         amqp.delay_queues(full.worker.max_attempts)
             .into_iter()
             .map(|name| Step::Queue {
                 name,
                 args: vec![
+                    quorum(),
                     ("x-dead-letter-exchange", text(&amqp.exchange)),
                     ("x-dead-letter-routing-key", text(ROUTING_KEY)),
                 ],
