@@ -374,6 +374,13 @@ fn key_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::try_parse(id).map_err(|_| key_not_found(id))
 }
 
+/// The key of path segment `id`, live or revoked, or 404.
+async fn key_by_id(state: &AppState, id: &str) -> Result<KeyListing, ApiError> {
+    store::keys::get(&state.pool, key_id(id)?)
+        .await?
+        .ok_or_else(|| key_not_found(id))
+}
+
 fn key_not_found(id: &str) -> ApiError {
     ApiError::NotFound {
         message: format!("No key found with id '{}'.", crate::request::echo(id)),
@@ -458,11 +465,7 @@ async fn get_key(
     State(state): State<AppState>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<AdminKey>, ApiError> {
-    let uuid = key_id(&id)?;
-    let key = store::keys::get(&state.pool, uuid)
-        .await?
-        .ok_or_else(|| key_not_found(&id))?;
-    Ok(Json(key.into()))
+    Ok(Json(key_by_id(&state, &id).await?.into()))
 }
 
 #[utoipa::path(
@@ -513,10 +516,7 @@ async fn revoke_key(
         Revoked::None | Revoked::Ambiguous(_) => return Err(key_not_found(&id)),
     }
     tracing::info!(key_id = %uuid, "key revoked through the admin API");
-    let key = store::keys::get(&state.pool, uuid)
-        .await?
-        .ok_or_else(|| key_not_found(&id))?;
-    Ok(Json(key.into()))
+    Ok(Json(key_by_id(&state, &id).await?.into()))
 }
 
 #[utoipa::path(
@@ -533,10 +533,7 @@ async fn key_usage(
     State(state): State<AppState>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<KeyUsage>, ApiError> {
-    let uuid = key_id(&id)?;
-    if store::keys::get(&state.pool, uuid).await?.is_none() {
-        return Err(key_not_found(&id));
-    }
+    let uuid = key_by_id(&state, &id).await?.id;
     let usage = store::keys::usage(&state.pool, uuid).await?;
     Ok(Json(KeyUsage {
         object: "admin.key.usage",

@@ -55,7 +55,9 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
         match Postgres::create_database(direct).await {
             Ok(()) => tracing::info!(url = %redact(direct), "created database"),
             // Another process created it between our check and our create: that is fine.
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            // (42P04; or 23505 when both CREATE DATABASE statements ran at once.)
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42P04") | Some("23505")) => {}
             Err(e) => return Err(connect_err(e)),
         }
     }
