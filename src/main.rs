@@ -199,8 +199,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Worker => {
             let shutdown = run::shutdown_on_signal();
-            let probes = run::worker_probes(&config, &pool, &shutdown).await?;
-            run::work(config, pool, shutdown).await;
+            let publisher = Arc::new(tollgate::queue::Publisher::new(config.clone()));
+            let probes = run::worker_probes(&config, &pool, &publisher, &shutdown).await?;
+            run::work_on(config, pool, publisher, shutdown).await;
             if let Some(probes) = probes {
                 let _ = probes.await;
             }

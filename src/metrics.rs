@@ -9,7 +9,7 @@
 
 use std::sync::OnceLock;
 
-pub use metrics::{counter, gauge, histogram};
+pub use metrics::{counter, gauge, histogram, Counter};
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};

@@ -181,8 +181,18 @@ fn event_relay(
 /// Runs the worker, its event relay and (unless disabled) the webhook deliveries until
 /// `shutdown`.
 pub async fn work(config: Arc<Config>, pool: PgPool, shutdown: CancellationToken) {
-    crate::metrics::install();
     let publisher = Arc::new(Publisher::new(config.clone()));
+    work_on(config, pool, publisher, shutdown).await
+}
+
+/// [`work`] with `publisher` as the worker's own connection for events (which its probes share).
+pub async fn work_on(
+    config: Arc<Config>,
+    pool: PgPool,
+    publisher: Arc<Publisher>,
+    shutdown: CancellationToken,
+) {
+    crate::metrics::install();
     let events = tokio::spawn(event_relay(&config, &pool, &publisher, &shutdown));
     let webhooks = config.webhooks.enabled.then(|| {
         let deliverer = Deliverer::new(pool.clone(), config.clone())
@@ -199,10 +209,11 @@ pub async fn work(config: Arc<Config>, pool: PgPool, shutdown: CancellationToken
 }
 
 /// Starts a worker process's `/healthz`, `/readyz` and `/metrics` on `worker.listen` (unless it
-/// is empty), until `shutdown`. Its own publisher connection answers readiness.
+/// is empty), until `shutdown`. The worker's publisher (see [`work_on`]) answers readiness.
 pub async fn worker_probes(
     config: &Arc<Config>,
     pool: &PgPool,
+    publisher: &Arc<Publisher>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     if config.worker.listen.is_empty() {
@@ -214,16 +225,15 @@ pub async fn worker_probes(
     tracing::info!(listen = %listener.local_addr()?, "worker probes and metrics listening");
     let probes = api::Probes {
         pool: pool.clone(),
-        publisher: Arc::new(Publisher::new(config.clone())),
+        publisher: publisher.clone(),
         config: config.clone(),
         needs_rabbitmq: true,
     };
     let shutdown = shutdown.clone();
     Ok(Some(tokio::spawn(async move {
-        if let Err(e) = api::serve_probes(listener, probes.clone(), shutdown).await {
+        if let Err(e) = api::serve_probes(listener, probes, shutdown).await {
             tracing::error!(error = %e, "worker probes server failed");
         }
-        probes.publisher.close().await;
     })))
 }
 

@@ -18,25 +18,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use tollgate::config::{ModelConfig, ProviderKind};
 
-/// The value of the first series of `name` whose labels include every one of `labels`.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (series, number) = line.rsplit_once(' ')?;
-            let (series_name, rest) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            if series_name != name {
-                return None;
-            }
-            let has_all = labels
-                .iter()
-                .all(|(k, v)| rest.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
-            has_all.then(|| number.parse().ok()).flatten()
-        })
-}
+use common::metric_value as value;
 
 fn at_least(text: &str, name: &str, labels: &[(&str, &str)], min: f64) {
     let found = value(text, name, labels);
@@ -64,17 +46,7 @@ fn names_used(path: &str) -> BTreeSet<String> {
 }
 
 async fn scrape(env: &TestEnv) -> String {
-    let response = env.http.get(env.url("/metrics")).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    assert!(
-        content_type.starts_with("text/plain; version=0.0.4"),
-        "{content_type}"
-    );
-    response.text().await.unwrap()
+    env.scrape().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -358,21 +358,9 @@ async fn tollgate_cli(config: &Config, args: &[&str]) -> (Option<i32>, String, S
     )
 }
 
-/// The value of one series of `/metrics` (its name and labels exactly as exposed), if exposed.
-async fn metric(env: &TestEnv, series: &str) -> Option<f64> {
-    let text = env
-        .http
-        .get(env.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter_map(|line| line.rsplit_once(' '))
-        .find(|(name, _)| *name == series)
-        .map(|(_, value)| value.parse().unwrap())
+/// The value of one series of `/metrics` (its name, and labels it has), if exposed.
+async fn metric(env: &TestEnv, (name, labels): (&str, &[(&str, &str)])) -> Option<f64> {
+    common::metric_value(&env.scrape().await, name, labels)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -994,22 +982,28 @@ async fn deliveries_are_counted_and_timed_in_the_metrics() {
         webhooks::add_endpoint(&env.pool, &env.config, key_id, &receiver.url(), None, None)
             .await
             .unwrap();
-    let delivered = "tollgate_webhook_deliveries_total{outcome=\"delivered\"}";
-    let retrying = "tollgate_webhook_deliveries_total{outcome=\"retrying\"}";
-    let timed = "tollgate_webhook_delivery_seconds_count";
+    let delivered: (&str, &[(&str, &str)]) = (
+        "tollgate_webhook_deliveries_total",
+        &[("outcome", "delivered")],
+    );
+    let retrying: (&str, &[(&str, &str)]) = (
+        "tollgate_webhook_deliveries_total",
+        &[("outcome", "retrying")],
+    );
+    let timed: (&str, &[(&str, &str)]) = ("tollgate_webhook_delivery_seconds_count", &[]);
     let before = [
         metric(&env, delivered).await.unwrap_or(0.0),
         metric(&env, retrying).await.unwrap_or(0.0),
-        metric(&env, timed).await.expect(timed),
+        metric(&env, timed).await.expect("timed"),
     ];
     env.start_worker();
     let id = env.submit_ok(&key, "mock-1", "hello").await;
     env.poll_until_done(&key, &id).await;
     wait_for_outcome(&env, endpoint, &["delivered"]).await;
     let after = [
-        metric(&env, delivered).await.expect(delivered),
-        metric(&env, retrying).await.expect(retrying),
-        metric(&env, timed).await.expect(timed),
+        metric(&env, delivered).await.expect("delivered"),
+        metric(&env, retrying).await.expect("retrying"),
+        metric(&env, timed).await.expect("timed"),
     ];
     assert!(after[0] >= before[0] + 1.0, "{before:?} → {after:?}");
     assert!(after[1] >= before[1] + 1.0, "{before:?} → {after:?}");

@@ -629,10 +629,8 @@ async fn add_webhook(
         Err(WebhookError::Secret(e)) => return Err(invalid("secret", e.to_string())),
         Err(e) => return Err(invalid("url", e.to_string())),
     };
-    let endpoint = store::webhooks::list(&state.pool)
+    let endpoint = store::webhooks::get(&state.pool, id)
         .await?
-        .into_iter()
-        .find(|e| e.id == id)
         .ok_or_else(|| {
             ApiError::Internal(anyhow::anyhow!("endpoint {id} not found after adding"))
         })?;

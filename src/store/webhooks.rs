@@ -58,6 +58,14 @@ pub async fn list(pool: &PgPool) -> Result<Vec<Endpoint>, sqlx::Error> {
         .await
 }
 
+/// One endpoint, live or disabled.
+pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<Endpoint>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM tollgate.webhook_endpoints WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
 /// Disables a live endpoint: it receives nothing more; its deliveries stay on record. Returns
 /// whether one was disabled.
 pub async fn disable(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {

@@ -407,6 +407,8 @@ async fn stream_into_rows(
     let first_token_deadline = started + Duration::from_secs(model.first_token_timeout_seconds);
     let mut batch = Batch::default();
     let http = worker.http.get(&model.name).cloned().unwrap_or_default();
+    // Looked up once for the attempt, not at every flush.
+    let deltas_written = metrics::counter!(metrics::DELTAS_WRITTEN, "model" => model.name.clone());
     let mut chunks = tokio::select! {
         _ = abort.cancelled() => return Ok(StreamEnd::Aborted),
         _ = cancelled.cancelled() => return Ok(StreamEnd::Fenced),
@@ -439,7 +441,7 @@ async fn stream_into_rows(
             _ = tokio::time::sleep_until(deadline) => break StreamEnd::TimedOut,
             _ = first_token_due => break StreamEnd::Failed(ProviderError::Timeout),
             _ = flush_due => {
-                if !batch.flush(worker, id, attempt, &model.name).await? {
+                if !batch.flush(worker, id, attempt, &deltas_written).await? {
                     return Ok(StreamEnd::Fenced);
                 }
             }
@@ -456,7 +458,7 @@ async fn stream_into_rows(
                         ));
                     }
                     if batch.pending.len() >= settings.flush_max_deltas
-                        && !batch.flush(worker, id, attempt, &model.name).await?
+                        && !batch.flush(worker, id, attempt, &deltas_written).await?
                     {
                         return Ok(StreamEnd::Fenced);
                     }
@@ -470,7 +472,7 @@ async fn stream_into_rows(
         }
     };
     // Whatever the ending, the output that did arrive is kept.
-    if !batch.flush(worker, id, attempt, &model.name).await? {
+    if !batch.flush(worker, id, attempt, &deltas_written).await? {
         return Ok(StreamEnd::Fenced);
     }
     Ok(end)
@@ -531,7 +533,7 @@ impl Batch {
         worker: &Worker,
         id: JobId,
         attempt: i32,
-        model: &str,
+        deltas_written: &metrics::Counter,
     ) -> Result<bool, sqlx::Error> {
         self.deadline = None;
         if self.pending.is_empty() {
@@ -554,8 +556,7 @@ impl Batch {
             })
             .await?;
         if owned {
-            metrics::counter!(metrics::DELTAS_WRITTEN, "model" => model.to_string())
-                .increment(deltas);
+            deltas_written.increment(deltas);
         }
         Ok(owned)
     }

@@ -265,6 +265,21 @@ impl TestEnv {
         .unwrap()
     }
 
+    /// `/metrics`, checked to be Prometheus' text format.
+    pub async fn scrape(&self) -> String {
+        let response = self.http.get(self.url("/metrics")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            content_type.starts_with("text/plain; version=0.0.4"),
+            "{content_type}"
+        );
+        response.text().await.unwrap()
+    }
+
     pub async fn submit(&self, secret: &str, body: Value) -> (StatusCode, Value) {
         let (status, body, _) = self.submit_raw(Some(secret), &body.to_string()).await;
         (status, body)
@@ -634,4 +649,25 @@ pub async fn read_response<R: tokio::io::AsyncRead + Unpin>(reader: &mut R) -> O
         headers,
         body,
     })
+}
+
+/// The value, in a `/metrics` text, of the first series of `name` whose labels include every one
+/// of `labels`.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, number) = line.rsplit_once(' ')?;
+            let (series_name, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if series_name != name {
+                return None;
+            }
+            let has_all = labels
+                .iter()
+                .all(|(k, v)| rest.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+            has_all.then(|| number.parse().ok()).flatten()
+        })
 }
