@@ -738,9 +738,9 @@ FAIL=()
 [ "$BALANCED" = yes ] || FAIL+=("ledger: ${ledger_problems[*]}")
 [ "${F[admitted]}" -gt 0 ] || FAIL+=("no job was admitted")
 [ "${F[publish_while_down]}" != none ] \
-    || FAIL+=("the front published nothing while $STOPPED_NODE was down (no reconnection to a surviving node)")
+    || FAIL+=("the front published nothing while $STOPPED_NODE was down (its connection on a surviving node: ${BACK[front/publisher]:-never seen})")
 [ "${F[start_while_down]}" != none ] \
-    || FAIL+=("the worker started no job admitted after the stop while $STOPPED_NODE was down (no reconnection to a surviving node)")
+    || FAIL+=("the worker started no job admitted after the stop while $STOPPED_NODE was down (its connection on a surviving node: ${BACK[worker/worker]:-never seen})")
 [ -n "$NEW_LEADER" ] || FAIL+=("$QUEUE had no leader while $STOPPED_NODE was down")
 
 row() { printf '%-30s %s\n' "$1" "$2"; }
@@ -781,6 +781,7 @@ line() { printf '%s\n' "--------------------------------------------------------
     line
     row "publishing resumed after" "${F[publish_wait_max]} s: the longest wait from admission to RabbitMQ's confirm among the ${F[after_stop_jobs]} jobs admitted after the stop (unconfirmed: ${F[publish_wait_unsent]}); the first confirm of one came ${F[first_publish_after_stop]} s after the stop"
     row "consuming resumed after" "${F[start_wait_max]} s: the longest wait from admission to the first attempt among them (median before the stop: ${F[start_wait_p50_before]} s)"
+    row "nacks seen by tollgate" "$(grep -cE '\(nack\)|did not confirm' "$WORK/serve.log" "$WORK/worker.log" | sed 's|.*/||; s|\.log:| |' | paste -sd' ' | sed 's/ \([a-z]\)/, \1/g') (log lines: a nacked job publish, or a batch of events not all confirmed); channels replaced after a nack: $(cat "$WORK/serve.log" "$WORK/worker.log" | grep -c 'new RabbitMQ channel after a nack' || true)"
     row "slowest submit while down" "${F[submit_max_during]} s"
     row "drain" "${DRAIN_SECONDS} s after the load ended"
     row "run time" "$((SECONDS - TEST_T0)) s from the cluster's start to this summary (the build before it: $((TEST_T0 - T0)) s)"

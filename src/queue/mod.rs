@@ -33,7 +33,7 @@ pub mod outbox;
 mod publisher;
 pub mod topology;
 
-pub use publisher::{publish_on, publish_raw, Envelope, PublishError, Publisher};
+pub use publisher::{ConfirmChannel, Envelope, PublishError, Publisher};
 
 use lapin::{
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},

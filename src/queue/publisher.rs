@@ -3,6 +3,10 @@
 //!
 //! The connection is opened lazily and opened again after it is lost, so a front started while
 //! RabbitMQ is down still admits jobs (their outbox rows wait for the relay).
+//!
+//! Every confirm-mode channel tollgate publishes on (the front's, a worker's, the webhook
+//! deliverer's) is a [`ConfirmChannel`]: after RabbitMQ nacks a message on it, the next publish
+//! goes out on a new channel of the same connection (see there why).
 
 use std::{
     sync::Arc,
@@ -45,14 +49,14 @@ pub struct Envelope<'a> {
 
 pub struct Publisher {
     config: Arc<Config>,
-    /// The connection and its confirm-mode channel. The lock is held only to clone the channel,
+    /// The connection and its confirm-mode channel. The lock is held only to clone the handle,
     /// or while connecting.
     live: Mutex<Live>,
 }
 
 enum Live {
     Never,
-    Up(Box<Connection>, Channel),
+    Up(Arc<ConfirmChannel>),
     /// The last attempt to connect failed at this time.
     Failed(Instant),
 }
@@ -68,25 +72,22 @@ impl Publisher {
         }
     }
 
-    /// Returns a connected confirm-mode channel, connecting (and declaring the topology) if there
-    /// is none. Connecting is bounded by the publish timeout, and after a failed attempt the next
-    /// second fails at once, so requests do not queue up behind an unreachable broker (their jobs
-    /// are committed; the relay publishes them later).
-    pub async fn channel(&self) -> Result<Channel, PublishError> {
+    /// Returns the connected confirm-mode channel, connecting (and declaring the topology) if
+    /// there is none. Connecting is bounded by the publish timeout, and after a failed attempt the
+    /// next second fails at once, so requests do not queue up behind an unreachable broker (their
+    /// jobs are committed; the relay publishes them later).
+    pub async fn channel(&self) -> Result<Arc<ConfirmChannel>, PublishError> {
         let mut live = self.live.lock().await;
         match &*live {
-            Live::Up(conn, channel)
-                if conn.status().connected() && channel.status().connected() =>
-            {
-                return Ok(channel.clone());
-            }
+            Live::Up(confirm) if confirm.is_connected() => return Ok(confirm.clone()),
             Live::Failed(at) if at.elapsed() < RECONNECT_PAUSE => return Err(PublishError::Down),
             _ => {}
         }
         match tokio::time::timeout(self.timeout(), self.connect()).await {
-            Ok(Ok((conn, channel))) => {
-                *live = Live::Up(Box::new(conn), channel.clone());
-                Ok(channel)
+            Ok(Ok(confirm)) => {
+                let confirm = Arc::new(confirm);
+                *live = Live::Up(confirm.clone());
+                Ok(confirm)
             }
             Ok(Err(e)) => {
                 *live = Live::Failed(Instant::now());
@@ -99,15 +100,10 @@ impl Publisher {
         }
     }
 
-    async fn connect(&self) -> Result<(Connection, Channel), lapin::Error> {
-        let amqp = &self.config.amqp;
-        let conn = crate::queue::connect(amqp, "publisher").await?;
+    async fn connect(&self) -> Result<ConfirmChannel, lapin::Error> {
+        let conn = crate::queue::connect(&self.config.amqp, "publisher").await?;
         declare_topology(&conn, &self.config).await?;
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok((conn, channel))
+        ConfirmChannel::open(Arc::new(conn), self.timeout()).await
     }
 
     /// Publishes a job message to the jobs exchange and waits for RabbitMQ's confirm.
@@ -117,8 +113,7 @@ impl Publisher {
             routing_key: ROUTING_KEY,
             ..Default::default()
         };
-        let channel = self.channel().await?;
-        publish_on(&channel, message, envelope, self.timeout()).await
+        self.channel().await?.publish_job(message, envelope).await
     }
 
     /// Publishes lifecycle events to the events exchange, pipelined: every message is sent, then
@@ -126,7 +121,22 @@ impl Publisher {
     /// `mandatory`: an event that no queue is bound for is dropped by RabbitMQ, which is no
     /// failure (nobody listens for it).
     pub async fn publish_events(&self, events: &[JobEvent]) -> Result<Vec<bool>, PublishError> {
-        let channel = self.channel().await?;
+        let confirm = self.channel().await?;
+        let channel = confirm.current().await;
+        let mut nacked = false;
+        let result = self.publish_events_on(&channel, events, &mut nacked).await;
+        if nacked || !channel.status().connected() {
+            confirm.renew(&channel).await;
+        }
+        result
+    }
+
+    async fn publish_events_on(
+        &self,
+        channel: &Channel,
+        events: &[JobEvent],
+        nacked: &mut bool,
+    ) -> Result<Vec<bool>, PublishError> {
         // One deadline for sending and confirming: a broker that blocks publishers (a resource
         // alarm) must not hold the relay's transaction open.
         let deadline = tokio::time::Instant::now() + self.timeout();
@@ -149,11 +159,10 @@ impl Publisher {
             );
         }
         let mut confirmed = Vec::with_capacity(confirms.len());
-        for confirm in confirms {
-            confirmed.push(matches!(
-                tokio::time::timeout_at(deadline, confirm).await,
-                Ok(Ok(c)) if c.is_ack()
-            ));
+        for pending in confirms {
+            let answer = tokio::time::timeout_at(deadline, pending).await;
+            *nacked |= matches!(&answer, Ok(Ok(c)) if c.is_nack());
+            confirmed.push(matches!(answer, Ok(Ok(c)) if c.is_ack()));
         }
         Ok(confirmed)
     }
@@ -161,7 +170,7 @@ impl Publisher {
     /// How many messages wait in the jobs queue, ready for a consumer (not counting those
     /// delivered and not yet acked).
     pub async fn ready_messages(&self) -> Result<u32, PublishError> {
-        let channel = self.channel().await?;
+        let channel = self.channel().await?.current().await;
         let passive = QueueDeclareOptions {
             passive: true,
             ..Default::default()
@@ -215,12 +224,8 @@ impl Publisher {
 
     /// A new channel on the publisher's connection (connecting if need be), or `None`.
     async fn side_channel(&self) -> Option<Channel> {
-        self.channel().await.ok()?;
-        let live = self.live.lock().await;
-        let Live::Up(conn, _) = &*live else {
-            return None;
-        };
-        tokio::time::timeout(self.timeout(), conn.create_channel())
+        let confirm = self.channel().await.ok()?;
+        tokio::time::timeout(self.timeout(), confirm.connection().create_channel())
             .await
             .ok()?
             .ok()
@@ -232,16 +237,141 @@ impl Publisher {
 
     /// Closes the connection, if one is open.
     pub async fn close(&self) {
-        if let Live::Up(conn, _) = std::mem::replace(&mut *self.live.lock().await, Live::Never) {
-            let _ = conn.close(200, "shutdown".into()).await;
+        if let Live::Up(confirm) = std::mem::replace(&mut *self.live.lock().await, Live::Never) {
+            let _ = confirm.connection().close(200, "shutdown".into()).await;
         }
     }
+}
+
+/// A confirm-mode channel that is replaced by a new one on the same connection after RabbitMQ
+/// nacks a message on it (at most once a second).
+///
+/// Why: a channel keeps, for each quorum queue it has published to, the client state it built at
+/// its first publish there, which starts from the leader the queue's record named at that moment.
+/// RabbitMQ 3.10 asks that member's node before registering the channel as a publisher, and when
+/// that node is down it nacks the message and keeps the state as it was, so it asks the same dead
+/// node again for every later message. A channel that first published to a queue in the moment
+/// between its leader's node going down and the new leader being recorded (a publisher that
+/// reconnects at once does exactly that) had every publish nacked until the old node came back:
+/// 20 s of nacks on the surviving majority in `deploy/cluster-test.sh`. A new channel builds its
+/// state from the queue's current record. Other nacks (a queue that rejects publishes when full)
+/// are not cured by a new channel, nor made worse; the limit keeps the churn small.
+pub struct ConfirmChannel {
+    conn: Arc<Connection>,
+    /// The channel in use, and when it was opened.
+    current: Mutex<(Channel, Instant)>,
+    timeout: Duration,
+}
+
+/// A nacked channel younger than this is kept.
+const RENEW_AFTER: Duration = Duration::from_secs(1);
+
+impl ConfirmChannel {
+    /// Opens a confirm-mode channel on `conn`; `timeout` bounds each publish's wait for its
+    /// confirm.
+    pub async fn open(conn: Arc<Connection>, timeout: Duration) -> Result<Self, lapin::Error> {
+        let channel = confirm_mode(&conn).await?;
+        Ok(Self {
+            conn,
+            current: Mutex::new((channel, Instant::now())),
+            timeout,
+        })
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Whether the connection is up (a closed channel alone is opened again at the next renew).
+    pub fn is_connected(&self) -> bool {
+        self.conn.status().connected()
+    }
+
+    /// The channel in use.
+    pub async fn current(&self) -> Channel {
+        self.current.lock().await.0.clone()
+    }
+
+    /// [`publish_on`] on the channel in use, renewing it if RabbitMQ nacks.
+    pub async fn publish_job(
+        &self,
+        message: &JobMessage,
+        envelope: Envelope<'_>,
+    ) -> Result<(), PublishError> {
+        let channel = self.current().await;
+        let result = publish_on(&channel, message, envelope, self.timeout).await;
+        self.after(&channel, result).await
+    }
+
+    /// [`publish_raw`] on the channel in use, renewing it if RabbitMQ nacks.
+    pub async fn publish(
+        &self,
+        body: &[u8],
+        message_id: &str,
+        envelope: Envelope<'_>,
+    ) -> Result<(), PublishError> {
+        let channel = self.current().await;
+        let result = publish_raw(&channel, body, message_id, envelope, self.timeout).await;
+        self.after(&channel, result).await
+    }
+
+    async fn after(
+        &self,
+        channel: &Channel,
+        result: Result<(), PublishError>,
+    ) -> Result<(), PublishError> {
+        if matches!(result, Err(PublishError::Nacked)) || !channel.status().connected() {
+            self.renew(channel).await;
+        }
+        result
+    }
+
+    /// Replaces `used` by a new confirm-mode channel, unless it was replaced already, or is
+    /// younger than [`RENEW_AFTER`] and still open. The old channel is closed once the confirms
+    /// still awaited on it have had their time.
+    pub async fn renew(&self, used: &Channel) {
+        let mut current = self.current.lock().await;
+        let (channel, opened) = &*current;
+        if channel.id() != used.id()
+            || (opened.elapsed() < RENEW_AFTER && channel.status().connected())
+            || !self.is_connected()
+        {
+            return;
+        }
+        match tokio::time::timeout(self.timeout, confirm_mode(&self.conn)).await {
+            Ok(Ok(fresh)) => {
+                let old = std::mem::replace(&mut *current, (fresh, Instant::now())).0;
+                tracing::info!(
+                    old = old.id(),
+                    new = current.0.id(),
+                    "publishing on a new RabbitMQ channel after a nack"
+                );
+                let grace = self.timeout;
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    if old.status().connected() {
+                        let _ = old.close(200, "replaced after a nack".into()).await;
+                    }
+                });
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not open a new RabbitMQ channel"),
+            Err(_) => tracing::warn!("could not open a new RabbitMQ channel in time"),
+        }
+    }
+}
+
+async fn confirm_mode(conn: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }
 
 /// Publishes a job message on a confirm-mode channel: persistent, `mandatory`, `message_id` = the
 /// job id. Succeeds only when RabbitMQ confirmed it and did not return it as unroutable.
 #[tracing::instrument(skip_all, fields(job_id = %message.job_id, exchange = envelope.exchange))]
-pub async fn publish_on(
+async fn publish_on(
     channel: &Channel,
     message: &JobMessage,
     envelope: Envelope<'_>,
@@ -252,7 +382,7 @@ pub async fn publish_on(
 }
 
 /// Publishes any body the same way (used to dead-letter a message that is not a job message).
-pub async fn publish_raw(
+async fn publish_raw(
     channel: &Channel,
     body: &[u8],
     message_id: &str,

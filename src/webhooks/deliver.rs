@@ -22,11 +22,9 @@ use futures::StreamExt;
 use lapin::{
     message::Delivery,
     options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-        BasicQosOptions, ConfirmSelectOptions,
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     },
     types::{AMQPValue, FieldTable},
-    Channel,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -41,7 +39,7 @@ use crate::{
     queue::{
         self,
         events::{JobEvent, EVENT_VERSION},
-        Envelope,
+        ConfirmChannel, Envelope,
     },
     store::webhooks as store,
 };
@@ -251,13 +249,11 @@ impl Deliverer {
     /// progress) or when the connection is lost.
     async fn consume(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let amqp = &self.config.amqp;
-        let conn = crate::queue::connect(amqp, "webhooks").await?;
+        let conn = Arc::new(crate::queue::connect(amqp, "webhooks").await?);
         queue::declare_topology(&conn, &self.config).await?;
         let channel = conn.create_channel().await?;
-        let publish = conn.create_channel().await?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let timeout = Duration::from_millis(amqp.publish_timeout_ms);
+        let publish = Arc::new(ConfirmChannel::open(conn.clone(), timeout).await?);
         channel
             .basic_qos(self.config.webhooks.concurrency, BasicQosOptions::default())
             .await?;
@@ -306,7 +302,7 @@ impl Deliverer {
 
     /// Handles one message and acks it, or gives it back when a follow-up could not be
     /// scheduled.
-    async fn handle(&self, delivery: Delivery, publish: &Channel) {
+    async fn handle(&self, delivery: Delivery, publish: &ConfirmChannel) {
         let incoming = Incoming::read(
             delivery.routing_key.as_str(),
             &self.config.webhooks.queue,
@@ -344,7 +340,7 @@ impl Deliverer {
 
     /// Tries an event at each endpoint of its key that wants it. Returns whether every
     /// follow-up was scheduled.
-    async fn deliver_event(&self, event: &JobEvent, publish: &Channel) -> bool {
+    async fn deliver_event(&self, event: &JobEvent, publish: &ConfirmChannel) -> bool {
         let Some(kind) = webhook_type(&event.status) else {
             return true;
         };
@@ -378,7 +374,12 @@ impl Deliverer {
     /// Makes one attempt, schedules what follows a failure (a retry, or the dead-letter queue
     /// after the last), and records it. Returns whether the follow-up was scheduled.
     #[tracing::instrument(skip_all, fields(endpoint_id = %endpoint.id, event_id = %delivery.event_id, attempt = delivery.attempt))]
-    async fn attempt(&self, endpoint: &Endpoint, delivery: Retry, publish: &Channel) -> bool {
+    async fn attempt(
+        &self,
+        endpoint: &Endpoint,
+        delivery: Retry,
+        publish: &ConfirmChannel,
+    ) -> bool {
         let started = Instant::now();
         let sent: Sent = send(
             &self.http,
@@ -446,7 +447,7 @@ impl Deliverer {
     }
 
     /// Publishes to `<queue>.dead` with the reason in the `x-tollgate-reason` header.
-    async fn dead_letter(&self, publish: &Channel, body: &[u8], reason: &str) -> bool {
+    async fn dead_letter(&self, publish: &ConfirmChannel, body: &[u8], reason: &str) -> bool {
         let mut headers = FieldTable::default();
         headers.insert(
             queue::REASON_HEADER.into(),
@@ -464,13 +465,12 @@ impl Deliverer {
 
     async fn publish(
         &self,
-        channel: &Channel,
+        channel: &ConfirmChannel,
         body: &[u8],
         message_id: &str,
         envelope: Envelope<'_>,
     ) -> bool {
-        let timeout = Duration::from_millis(self.config.amqp.publish_timeout_ms);
-        match queue::publish_raw(channel, body, message_id, envelope, timeout).await {
+        match channel.publish(body, message_id, envelope).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "could not schedule a webhook follow-up; the message is given back");

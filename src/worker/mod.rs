@@ -40,11 +40,9 @@ use futures::StreamExt;
 use lapin::{
     message::Delivery,
     options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-        BasicQosOptions, ConfirmSelectOptions,
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     },
     types::{AMQPValue, FieldTable},
-    Channel,
 };
 use rand::Rng;
 use sqlx::PgPool;
@@ -55,7 +53,7 @@ use crate::{
     config::Config,
     ids::JobId,
     metrics,
-    queue::{self, Envelope, JobMessage},
+    queue::{self, ConfirmChannel, Envelope, JobMessage},
     store::jobs,
 };
 
@@ -168,13 +166,11 @@ impl Worker {
         abort: &CancellationToken,
     ) -> anyhow::Result<()> {
         let amqp = &self.config.amqp;
-        let conn = crate::queue::connect(amqp, "worker").await?;
+        let conn = Arc::new(crate::queue::connect(amqp, "worker").await?);
         queue::declare_topology(&conn, &self.config).await?;
         let channel = conn.create_channel().await?;
-        let publish = conn.create_channel().await?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let timeout = Duration::from_millis(amqp.publish_timeout_ms);
+        let publish = Arc::new(ConfirmChannel::open(conn.clone(), timeout).await?);
         channel
             .basic_qos(self.config.worker.concurrency, BasicQosOptions::default())
             .await?;
@@ -238,12 +234,16 @@ impl Worker {
         Ok(())
     }
 
-    async fn handle(&self, delivery: Delivery, publish: &Channel, abort: &CancellationToken) {
+    async fn handle(
+        &self,
+        delivery: Delivery,
+        publish: &ConfirmChannel,
+        abort: &CancellationToken,
+    ) {
         let headers = delivery.properties.headers().as_ref();
         let deliveries = header_u32(headers, DELIVERY_COUNT_HEADER);
         let db_failures = header_u32(headers, DB_FAILURES_HEADER);
         let disposition = self.process(&delivery.data, deliveries, abort).await;
-        let timeout = Duration::from_millis(self.config.amqp.publish_timeout_ms);
         let requeue = BasicNackOptions {
             requeue: true,
             ..Default::default()
@@ -264,7 +264,7 @@ impl Worker {
                     headers: Some(headers),
                 };
                 let id = message_id(&delivery);
-                match queue::publish_raw(publish, &delivery.data, &id, envelope, timeout).await {
+                match publish.publish(&delivery.data, &id, envelope).await {
                     Ok(()) => delivery.ack(BasicAckOptions::default()).await,
                     Err(e) => {
                         // Neither PostgreSQL nor the delay queue: give it back, not at once.
@@ -289,7 +289,7 @@ impl Worker {
                     expiration_ms: Some(delay_ms),
                     headers: None,
                 };
-                match queue::publish_on(publish, &message, envelope, timeout).await {
+                match publish.publish_job(&message, envelope).await {
                     Ok(()) => {
                         tracing::info!(job_id = %message.job_id, level, delay_ms, queue = %queue_name, "retry scheduled");
                         delivery.ack(BasicAckOptions::default()).await
@@ -316,7 +316,7 @@ impl Worker {
                     headers: Some(headers),
                 };
                 let id = message_id(&delivery);
-                match queue::publish_raw(publish, &delivery.data, &id, envelope, timeout).await {
+                match publish.publish(&delivery.data, &id, envelope).await {
                     Ok(()) => delivery.ack(BasicAckOptions::default()).await,
                     // RabbitMQ's own dead-lettering, without our reason header.
                     Err(_) => delivery.nack(BasicNackOptions::default()).await,
