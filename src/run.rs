@@ -40,11 +40,13 @@ pub async fn serve(
     if let Err(e) = publisher.channel().await {
         tracing::warn!(error = %e, "RabbitMQ is not reachable yet; jobs are admitted and published when it is");
     }
+    let handed_back = outbox::HandedBack::default();
     let relay = tokio::spawn(outbox::run_relay(
         pool.clone(),
         publisher.clone(),
         Duration::from_millis(config.server.relay_interval_ms),
         Duration::from_millis(config.server.relay_grace_ms),
+        handed_back.clone(),
         shutdown.clone(),
     ));
     let events = tokio::spawn(event_relay(&config, &pool, &publisher, &shutdown));
@@ -65,7 +67,7 @@ pub async fn serve(
         admission.keys().clone(),
         shutdown.clone(),
     );
-    let (dispatch, marking) = Dispatch::start(pool.clone(), publisher.clone());
+    let (dispatch, marking) = Dispatch::start(pool.clone(), publisher.clone(), handed_back);
     let state = AppState {
         pool,
         watch,

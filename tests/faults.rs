@@ -409,10 +409,27 @@ async fn while_rabbitmq_is_unreachable_the_front_admits_and_the_relay_publishes_
     );
 
     let publisher = Publisher::new(std::sync::Arc::new(config));
-    let published = outbox::relay_once(&env.pool, &publisher, Duration::ZERO)
+    // Rows the front handed back (its publish failed) go at once; the others wait out the
+    // grace period, which leaves fresh rows to the front's own publish.
+    let waiting: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM tollgate.outbox WHERE sent_at IS NULL ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    let hour = Duration::from_secs(3600);
+    let published = outbox::relay_once(&env.pool, &publisher, hour, &waiting[..2])
         .await
         .unwrap();
-    assert_eq!(published, 5);
+    assert_eq!(published, 2);
+    assert_eq!(unsent().await, 3);
+    let published = outbox::relay_once(&env.pool, &publisher, hour, &[])
+        .await
+        .unwrap();
+    assert_eq!(published, 0, "younger than the grace period");
+    let published = outbox::relay_once(&env.pool, &publisher, Duration::ZERO, &[])
+        .await
+        .unwrap();
+    assert_eq!(published, 3);
     assert_eq!(unsent().await, 0);
     assert_eq!(env.queue_depth().await, Some(5));
     publisher.close().await;

@@ -40,6 +40,29 @@ const RELAY_BATCH: i64 = 100;
 /// Published rows marked sent per statement at most.
 const MARK_BATCH: usize = 1000;
 
+/// Rows handed back to the relay at most; more wait out its grace period.
+const HANDED_BACK_MAX: usize = 10_000;
+
+/// The outbox rows whose publish right after admission failed (RabbitMQ nacked it, or was out of
+/// reach): the relay takes them at its next pass instead of after its grace period, which is
+/// there only to leave fresh rows to the front's own publish. So a job whose publish was refused
+/// in a broker's failover waits about one relay interval, not the grace period.
+#[derive(Clone, Default)]
+pub struct HandedBack(Arc<std::sync::Mutex<Vec<i64>>>);
+
+impl HandedBack {
+    fn push(&self, outbox_id: i64) {
+        let mut ids = self.0.lock().expect("handed-back lock");
+        if ids.len() < HANDED_BACK_MAX {
+            ids.push(outbox_id);
+        }
+    }
+
+    fn take(&self) -> Vec<i64> {
+        std::mem::take(&mut *self.0.lock().expect("handed-back lock"))
+    }
+}
+
 /// The front's publishing of the jobs it has just admitted: publish at once, then mark the row
 /// sent, many rows per statement — a background task takes every id published since its last
 /// statement and marks them with one `UPDATE`, so a job costs no commit of its own after its
@@ -50,12 +73,17 @@ const MARK_BATCH: usize = 1000;
 pub struct Dispatch {
     publisher: Arc<Publisher>,
     sent: mpsc::Sender<i64>,
+    handed_back: HandedBack,
 }
 
 impl Dispatch {
     /// Starts the marking task; it ends once every `Dispatch` is dropped and the last marks are
-    /// written.
-    pub fn start(pool: PgPool, publisher: Arc<Publisher>) -> (Self, tokio::task::JoinHandle<()>) {
+    /// written. Rows whose publish fails go to `handed_back`, for the relay.
+    pub fn start(
+        pool: PgPool,
+        publisher: Arc<Publisher>,
+        handed_back: HandedBack,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (sent, mut received) = mpsc::channel(64 * MARK_BATCH);
         let task = tokio::spawn(async move {
             let mut batch = Vec::with_capacity(MARK_BATCH);
@@ -66,7 +94,12 @@ impl Dispatch {
                 batch.clear();
             }
         });
-        (Self { publisher, sent }, task)
+        let dispatch = Self {
+            publisher,
+            sent,
+            handed_back,
+        };
+        (dispatch, task)
     }
 
     /// Publishes the message of a job just admitted (its outbox row `outbox_id`) and has the row
@@ -83,6 +116,7 @@ impl Dispatch {
             }
             Err(e) => {
                 tracing::warn!(job_id = %message.job_id, error = %e, "publish failed; the outbox relay will retry");
+                self.handed_back.push(outbox_id);
             }
         }
     }
@@ -148,22 +182,25 @@ async fn insert(tx: &mut sqlx::PgConnection, jobs: &[(JobId, String)]) -> Result
 }
 
 /// Publishes one batch of unsent rows older than `grace` (younger ones are left to the front's
-/// own publish). Rows are locked with `SKIP LOCKED`, so several fronts can relay side by side.
-/// Returns how many were published.
+/// own publish), and of the rows `handed_back` whatever their age. Rows are locked with
+/// `SKIP LOCKED`, so several fronts can relay side by side. Returns how many were published.
 pub async fn relay_once(
     pool: &PgPool,
     publisher: &Publisher,
     grace: Duration,
+    handed_back: &[i64],
 ) -> Result<usize, anyhow::Error> {
     let mut tx = pool.begin().await?;
     let rows: Vec<(i64, Json<Value>)> = sqlx::query_as(
         "SELECT id, payload FROM tollgate.outbox
-          WHERE sent_at IS NULL AND created_at < now() - make_interval(secs => $1)
+          WHERE sent_at IS NULL
+            AND (created_at < now() - make_interval(secs => $1) OR id = ANY($3))
           ORDER BY id LIMIT $2
           FOR UPDATE SKIP LOCKED",
     )
     .bind(grace.as_secs_f64())
     .bind(RELAY_BATCH)
+    .bind(handed_back)
     .fetch_all(&mut *tx)
     .await?;
     let mut sent = Vec::with_capacity(rows.len());
@@ -198,16 +235,18 @@ pub async fn relay_once(
     }
 }
 
-/// Runs the relay until `shutdown` is cancelled.
+/// Runs the relay until `shutdown` is cancelled. A row handed back that a pass does not publish
+/// (the batch was full, RabbitMQ still refused) is left to the grace period.
 pub async fn run_relay(
     pool: PgPool,
     publisher: Arc<Publisher>,
     interval: Duration,
     grace: Duration,
+    handed_back: HandedBack,
     shutdown: CancellationToken,
 ) {
     loop {
-        match relay_once(&pool, &publisher, grace).await {
+        match relay_once(&pool, &publisher, grace, &handed_back.take()).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(published = n, "outbox relay published unsent jobs"),
             Err(e) => tracing::warn!(error = %e, "outbox relay could not publish; will retry"),
