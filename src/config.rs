@@ -344,7 +344,8 @@ pub struct ServerConfig {
     pub max_input_items: usize,
     /// How often the outbox relay looks for messages that were not confirmed, in milliseconds.
     pub relay_interval_ms: u64,
-    /// The relay leaves an outbox row this young to the front's own publish, in milliseconds.
+    /// The relay leaves an outbox row this young to the front's own publish, in milliseconds (a
+    /// row whose publish failed is handed to the relay's next pass at once).
     pub relay_grace_ms: u64,
     /// A job still `queued` this long after admission expires (`failed`, code `expired`) and gives
     /// back its slot and reservation.

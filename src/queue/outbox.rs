@@ -61,6 +61,15 @@ impl HandedBack {
     fn take(&self) -> Vec<i64> {
         std::mem::take(&mut *self.0.lock().expect("handed-back lock"))
     }
+
+    /// Gives back what a relay pass took and may not have published: it stays first in line
+    /// (a row published meanwhile is skipped, as its `sent_at` is set).
+    fn restore(&self, mut taken: Vec<i64>) {
+        let mut ids = self.0.lock().expect("handed-back lock");
+        taken.append(&mut ids);
+        taken.truncate(HANDED_BACK_MAX);
+        *ids = taken;
+    }
 }
 
 /// The front's publishing of the jobs it has just admitted: publish at once, then mark the row
@@ -235,8 +244,8 @@ pub async fn relay_once(
     }
 }
 
-/// Runs the relay until `shutdown` is cancelled. A row handed back that a pass does not publish
-/// (the batch was full, RabbitMQ still refused) is left to the grace period.
+/// Runs the relay until `shutdown` is cancelled. Rows handed back that a pass may not have
+/// published (RabbitMQ refused again, the batch was full) are kept for the next.
 pub async fn run_relay(
     pool: PgPool,
     publisher: Arc<Publisher>,
@@ -246,10 +255,20 @@ pub async fn run_relay(
     shutdown: CancellationToken,
 ) {
     loop {
-        match relay_once(&pool, &publisher, grace, &handed_back.take()).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(published = n, "outbox relay published unsent jobs"),
-            Err(e) => tracing::warn!(error = %e, "outbox relay could not publish; will retry"),
+        let early = handed_back.take();
+        match relay_once(&pool, &publisher, grace, &early).await {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(published = n, "outbox relay published unsent jobs");
+                }
+                if n as i64 == RELAY_BATCH {
+                    handed_back.restore(early);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox relay could not publish; will retry");
+                handed_back.restore(early);
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -417,5 +436,34 @@ pub async fn run_event_relay(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_a_pass_gave_back_stay_first_in_line_and_the_list_stays_bounded() {
+        let handed = HandedBack::default();
+        handed.push(1);
+        handed.push(2);
+        let taken = handed.take();
+        assert_eq!(taken, [1, 2]);
+        handed.push(3);
+        handed.restore(taken);
+        assert_eq!(handed.take(), [1, 2, 3]);
+        assert!(handed.take().is_empty());
+
+        for id in 0..HANDED_BACK_MAX as i64 + 5 {
+            handed.push(id);
+        }
+        let taken = handed.take();
+        assert_eq!(taken.len(), HANDED_BACK_MAX);
+        handed.push(-1);
+        handed.restore(taken);
+        let all = handed.take();
+        assert_eq!(all.len(), HANDED_BACK_MAX);
+        assert_eq!(all[0], 0, "what was taken first comes first");
     }
 }
