@@ -49,7 +49,9 @@
 # - "publishing resumed": tollgate.outbox.sent_at is set once RabbitMQ confirmed a job's
 #   message; the longest wait from admission (jobs.created_at) to that confirm, among the jobs
 #   admitted after the stop, is how long publishing was held up by the stop. The same for the
-#   start of the first attempt (jobs.started_at) says how long consuming was held up.
+#   start of the first attempt (jobs.started_at) says how long consuming was held up;
+# - nacks: the lines of tollgate's logs that report a publish RabbitMQ nacked, and those that
+#   report a publishing channel replaced after one (queue::ConfirmChannel).
 #
 # Settings (environment): RATE (submits/s, 30), LOAD_SECONDS (60), STOP_AT (20) and START_AT (40)
 # seconds into the load, CLIENTS (8), DRAIN_TIMEOUT (120 s for every job to end after the load),
