@@ -180,6 +180,11 @@ pub struct AmqpConfig {
 pub const BROKER_DELIVERY_LIMIT: u32 = 1000;
 
 impl AmqpConfig {
+    /// How long a publish may wait for RabbitMQ's confirm.
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+
     /// The URLs of `url`, in order.
     pub fn urls(&self) -> Vec<&str> {
         self.url

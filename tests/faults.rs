@@ -439,7 +439,7 @@ async fn while_rabbitmq_is_unreachable_the_front_admits_and_the_relay_publishes_
 async fn an_unroutable_message_is_a_failed_publish() {
     let env = TestEnv::front_only(vec![ModelConfig::mock("mock-1")]).await;
     let publisher = Publisher::new(env.config.clone());
-    let channel = publisher.channel().await.unwrap().current().await;
+    let channel = publisher.channel().await.unwrap().current();
     channel
         .queue_unbind(
             env.config.amqp.queue.as_str().into(),

@@ -63,18 +63,18 @@ fn to(queue: &str) -> Envelope<'_> {
 async fn a_nack_moves_publishing_to_a_new_channel_at_most_once_a_second() {
     let (conn, full, open) = setup().await;
     let confirm = ConfirmChannel::open(conn.clone(), TIMEOUT).await.unwrap();
-    let first = confirm.current().await;
+    let first = confirm.current();
 
     // A nack within the first second of a channel keeps it: a queue that refuses messages
     // would otherwise make every publish open a channel.
     let refused = confirm.publish(b"{}", "m1", to(&full)).await;
     assert!(matches!(refused, Err(PublishError::Nacked)), "{refused:?}");
-    assert_eq!(confirm.current().await.id(), first.id());
+    assert_eq!(confirm.current().id(), first.id());
 
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let refused = confirm.publish(b"{}", "m2", to(&full)).await;
     assert!(matches!(refused, Err(PublishError::Nacked)), "{refused:?}");
-    let second = confirm.current().await;
+    let second = confirm.current();
     assert_ne!(second.id(), first.id(), "the nacked channel is replaced");
     assert!(second.status().connected());
 
@@ -82,7 +82,7 @@ async fn a_nack_moves_publishing_to_a_new_channel_at_most_once_a_second() {
     confirm.publish(b"{}", "m3", to(&open)).await.unwrap();
     let refused = confirm.publish(b"{}", "m4", to(&full)).await;
     assert!(matches!(refused, Err(PublishError::Nacked)), "{refused:?}");
-    assert_eq!(confirm.current().await.id(), second.id());
+    assert_eq!(confirm.current().id(), second.id());
 
     // The replaced channel is closed once confirms awaited on it have had their time.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -101,7 +101,7 @@ async fn a_nack_moves_publishing_to_a_new_channel_at_most_once_a_second() {
 async fn a_channel_closed_by_the_broker_is_replaced_at_once() {
     let (conn, _full, open) = setup().await;
     let confirm = ConfirmChannel::open(conn.clone(), TIMEOUT).await.unwrap();
-    let first = confirm.current().await;
+    let first = confirm.current();
     // Publishing to an exchange that does not exist: RabbitMQ closes the channel (404).
     let envelope = Envelope {
         exchange: "tg-test-no-such-exchange",
@@ -111,7 +111,7 @@ async fn a_channel_closed_by_the_broker_is_replaced_at_once() {
     let failed = confirm.publish(b"{}", "m1", envelope).await;
     assert!(matches!(failed, Err(PublishError::Amqp(_))), "{failed:?}");
     assert!(!first.status().connected());
-    assert_ne!(confirm.current().await.id(), first.id());
+    assert_ne!(confirm.current().id(), first.id());
     confirm.publish(b"{}", "m2", to(&open)).await.unwrap();
     conn.close(200, "done".into()).await.unwrap();
 }

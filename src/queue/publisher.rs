@@ -122,21 +122,19 @@ impl Publisher {
     /// failure (nobody listens for it).
     pub async fn publish_events(&self, events: &[JobEvent]) -> Result<Vec<bool>, PublishError> {
         let confirm = self.channel().await?;
-        let channel = confirm.current().await;
-        let mut nacked = false;
-        let result = self.publish_events_on(&channel, events, &mut nacked).await;
-        if nacked || !channel.status().connected() {
-            confirm.renew(&channel).await;
-        }
-        result
+        let channel = confirm.current();
+        let answers = self.publish_events_on(&channel, events).await;
+        let nacked = answers.as_ref().is_ok_and(|a| a.contains(&Some(false)));
+        confirm.renew_if_needed(&channel, nacked).await;
+        Ok(answers?.into_iter().map(|a| a == Some(true)).collect())
     }
 
+    /// RabbitMQ's answer to each event: acked, nacked, or none in time.
     async fn publish_events_on(
         &self,
         channel: &Channel,
         events: &[JobEvent],
-        nacked: &mut bool,
-    ) -> Result<Vec<bool>, PublishError> {
+    ) -> Result<Vec<Option<bool>>, PublishError> {
         // One deadline for sending and confirming: a broker that blocks publishers (a resource
         // alarm) must not hold the relay's transaction open.
         let deadline = tokio::time::Instant::now() + self.timeout();
@@ -158,19 +156,20 @@ impl Publisher {
                     .map_err(|_| PublishError::Timeout)??,
             );
         }
-        let mut confirmed = Vec::with_capacity(confirms.len());
+        let mut answers = Vec::with_capacity(confirms.len());
         for pending in confirms {
-            let answer = tokio::time::timeout_at(deadline, pending).await;
-            *nacked |= matches!(&answer, Ok(Ok(c)) if c.is_nack());
-            confirmed.push(matches!(answer, Ok(Ok(c)) if c.is_ack()));
+            answers.push(match tokio::time::timeout_at(deadline, pending).await {
+                Ok(Ok(c)) => Some(c.is_ack()),
+                _ => None,
+            });
         }
-        Ok(confirmed)
+        Ok(answers)
     }
 
     /// How many messages wait in the jobs queue, ready for a consumer (not counting those
     /// delivered and not yet acked).
     pub async fn ready_messages(&self) -> Result<u32, PublishError> {
-        let channel = self.channel().await?.current().await;
+        let channel = self.channel().await?.current();
         let passive = QueueDeclareOptions {
             passive: true,
             ..Default::default()
@@ -232,7 +231,7 @@ impl Publisher {
     }
 
     fn timeout(&self) -> Duration {
-        Duration::from_millis(self.config.amqp.publish_timeout_ms)
+        self.config.amqp.publish_timeout()
     }
 
     /// Closes the connection, if one is open.
@@ -258,8 +257,11 @@ impl Publisher {
 /// are not cured by a new channel, nor made worse; the limit keeps the churn small.
 pub struct ConfirmChannel {
     conn: Arc<Connection>,
-    /// The channel in use, and when it was opened.
-    current: Mutex<(Channel, Instant)>,
+    /// The channel in use, and when it was opened. Held only to clone or swap it: every publish
+    /// reads it.
+    current: std::sync::Mutex<(Channel, Instant)>,
+    /// Held while a new channel is opened, so one nack opens one.
+    renewing: Mutex<()>,
     timeout: Duration,
 }
 
@@ -273,7 +275,8 @@ impl ConfirmChannel {
         let channel = confirm_mode(&conn).await?;
         Ok(Self {
             conn,
-            current: Mutex::new((channel, Instant::now())),
+            current: std::sync::Mutex::new((channel, Instant::now())),
+            renewing: Mutex::new(()),
             timeout,
         })
     }
@@ -282,14 +285,15 @@ impl ConfirmChannel {
         &self.conn
     }
 
-    /// Whether the connection is up (a closed channel alone is opened again at the next renew).
+    /// Whether the connection is up (a closed channel alone is replaced after the publish that
+    /// finds it closed).
     pub fn is_connected(&self) -> bool {
         self.conn.status().connected()
     }
 
     /// The channel in use.
-    pub async fn current(&self) -> Channel {
-        self.current.lock().await.0.clone()
+    pub fn current(&self) -> Channel {
+        self.current.lock().expect("channel lock").0.clone()
     }
 
     /// [`publish_on`] on the channel in use, renewing it if RabbitMQ nacks.
@@ -298,9 +302,11 @@ impl ConfirmChannel {
         message: &JobMessage,
         envelope: Envelope<'_>,
     ) -> Result<(), PublishError> {
-        let channel = self.current().await;
+        let channel = self.current();
         let result = publish_on(&channel, message, envelope, self.timeout).await;
-        self.after(&channel, result).await
+        self.renew_if_needed(&channel, matches!(result, Err(PublishError::Nacked)))
+            .await;
+        result
     }
 
     /// [`publish_raw`] on the channel in use, renewing it if RabbitMQ nacks.
@@ -310,40 +316,41 @@ impl ConfirmChannel {
         message_id: &str,
         envelope: Envelope<'_>,
     ) -> Result<(), PublishError> {
-        let channel = self.current().await;
+        let channel = self.current();
         let result = publish_raw(&channel, body, message_id, envelope, self.timeout).await;
-        self.after(&channel, result).await
-    }
-
-    async fn after(
-        &self,
-        channel: &Channel,
-        result: Result<(), PublishError>,
-    ) -> Result<(), PublishError> {
-        if matches!(result, Err(PublishError::Nacked)) || !channel.status().connected() {
-            self.renew(channel).await;
-        }
+        self.renew_if_needed(&channel, matches!(result, Err(PublishError::Nacked)))
+            .await;
         result
     }
 
-    /// Replaces `used` by a new confirm-mode channel, unless it was replaced already, or is
-    /// younger than [`RENEW_AFTER`] and still open. The old channel is closed once the confirms
-    /// still awaited on it have had their time.
-    pub async fn renew(&self, used: &Channel) {
-        let mut current = self.current.lock().await;
-        let (channel, opened) = &*current;
-        if channel.id() != used.id()
-            || (opened.elapsed() < RENEW_AFTER && channel.status().connected())
-            || !self.is_connected()
-        {
+    /// After a publish on `used`: replaces it by a new confirm-mode channel if RabbitMQ `nacked`
+    /// on it or closed it, unless it was replaced already, or is younger than [`RENEW_AFTER`] and
+    /// still open. The old channel is closed once the confirms still awaited on it have had their
+    /// time.
+    async fn renew_if_needed(&self, used: &Channel, nacked: bool) {
+        let closed = !used.status().connected();
+        if !(nacked || closed) || !self.is_connected() {
             return;
+        }
+        let _renewing = self.renewing.lock().await;
+        {
+            let current = self.current.lock().expect("channel lock");
+            let (channel, opened) = &*current;
+            if channel.id() != used.id() || (opened.elapsed() < RENEW_AFTER && !closed) {
+                return;
+            }
         }
         match tokio::time::timeout(self.timeout, confirm_mode(&self.conn)).await {
             Ok(Ok(fresh)) => {
-                let old = std::mem::replace(&mut *current, (fresh, Instant::now())).0;
+                let new = fresh.id();
+                let old = std::mem::replace(
+                    &mut *self.current.lock().expect("channel lock"),
+                    (fresh, Instant::now()),
+                )
+                .0;
                 tracing::info!(
                     old = old.id(),
-                    new = current.0.id(),
+                    new,
                     "publishing on a new RabbitMQ channel after a nack"
                 );
                 let grace = self.timeout;

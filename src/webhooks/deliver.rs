@@ -252,8 +252,7 @@ impl Deliverer {
         let conn = Arc::new(crate::queue::connect(amqp, "webhooks").await?);
         queue::declare_topology(&conn, &self.config).await?;
         let channel = conn.create_channel().await?;
-        let timeout = Duration::from_millis(amqp.publish_timeout_ms);
-        let publish = Arc::new(ConfirmChannel::open(conn.clone(), timeout).await?);
+        let publish = Arc::new(ConfirmChannel::open(conn.clone(), amqp.publish_timeout()).await?);
         channel
             .basic_qos(self.config.webhooks.concurrency, BasicQosOptions::default())
             .await?;
